@@ -1,0 +1,127 @@
+"""Strict fvcore config with file-naming errors.
+
+Source: fvcore ``CfgNode`` (``_BASE_`` inheritance, ``merge_from_list``), as detectron2 uses it.
+We only add error messages that name the offending key and the file (or "command line").
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import List, Sequence
+
+import yaml
+from fvcore.common.config import CfgNode as _FvCfgNode
+
+from ..utils.errors import ConfigError
+
+_KEY_RE = re.compile(r"Non-existent config key: ([\w.]+)")
+
+
+def _base_chain(path: str) -> List[str]:
+    """Return ``path`` followed by its ``_BASE_`` ancestors (nearest first)."""
+    chain, cur = [], path
+    while cur and cur not in chain and os.path.isfile(cur):
+        chain.append(cur)
+        try:
+            with open(cur) as f:
+                data = yaml.safe_load(f) or {}
+        except yaml.YAMLError:
+            break
+        base = data.get("_BASE_") if isinstance(data, dict) else None
+        if not base:
+            break
+        cur = base if os.path.isabs(base) else os.path.join(os.path.dirname(cur), base)
+    return chain
+
+
+def _has_path(path: str, parts: Sequence[str]) -> bool:
+    try:
+        with open(path) as f:
+            node = yaml.safe_load(f) or {}
+    except (OSError, yaml.YAMLError):
+        return False
+    for p in parts:
+        if not isinstance(node, dict) or p not in node:
+            return False
+        node = node[p]
+    return True
+
+
+def _file_defining(chain: Sequence[str], dotted_key: str) -> str:
+    """Return the first file of ``chain`` whose YAML contains ``dotted_key``."""
+    parts = dotted_key.split(".")
+    for path in chain:
+        if _has_path(path, parts):
+            return path
+    return chain[0] if chain else "<unknown file>"
+
+
+class CfgNode(_FvCfgNode):
+    """fvcore ``CfgNode`` whose merge errors name the key and the file.
+
+    Raises:
+        ConfigError: unknown key, wrong value type, unreadable or missing YAML file. The message
+            names the key and the YAML file (the ``_BASE_`` file that holds it, if any) or
+            ``command line`` for ``KEY VALUE`` overrides.
+    """
+
+    def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = True) -> None:
+        if not os.path.isfile(cfg_filename):
+            raise ConfigError(f"config file not found: {cfg_filename}")
+        try:
+            super().merge_from_file(cfg_filename, allow_unsafe=allow_unsafe)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{cfg_filename}: invalid YAML: {e}") from e
+        except (KeyError, ValueError, AssertionError) as e:
+            msg = e.args[0] if e.args else str(e)
+            m = _KEY_RE.search(str(msg))
+            if m:
+                key = m.group(1)
+                where = _file_defining(_base_chain(cfg_filename), key)
+                raise ConfigError(
+                    f"unknown config key '{key}' in {where}"
+                    + (f" (merged from {cfg_filename})" if where != cfg_filename else "")
+                    + "; see mdkd_det/config/defaults.py for the valid keys"
+                ) from e
+            raise ConfigError(f"{cfg_filename}: {msg}") from e
+
+    def merge_from_list(self, cfg_list: list) -> None:
+        if len(cfg_list) % 2:
+            raise ConfigError(
+                f"command line: overrides must be KEY VALUE pairs, got an odd count: {cfg_list}"
+            )
+        try:
+            super().merge_from_list(cfg_list)
+        except (KeyError, ValueError, AssertionError) as e:
+            msg = e.args[0] if e.args else str(e)
+            m = _KEY_RE.search(str(msg))
+            if m:
+                raise ConfigError(
+                    f"unknown config key '{m.group(1)}' on the command line; "
+                    "see mdkd_det/config/defaults.py for the valid keys"
+                ) from e
+            raise ConfigError(f"command line: {msg}") from e
+
+
+def get_cfg() -> CfgNode:
+    """Return a fresh copy of the documented defaults (``mdkd_det/config/defaults.py``)."""
+    from .defaults import _C
+
+    return _C.clone()
+
+
+def merge_from_file(cfg: CfgNode, path: str) -> CfgNode:
+    """Merge YAML ``path`` (with ``_BASE_`` chain) into ``cfg``; return ``cfg``.
+
+    Raises:
+        ConfigError: see :class:`CfgNode`.
+    """
+    cfg.merge_from_file(path)
+    return cfg
+
+
+def merge_from_list(cfg: CfgNode, opts: list) -> CfgNode:
+    """Merge ``KEY VALUE`` pairs from the command line into ``cfg``; return ``cfg``."""
+    cfg.merge_from_list(list(opts))
+    return cfg

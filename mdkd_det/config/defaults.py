@@ -1,0 +1,178 @@
+"""Documented default config (fvcore ``CfgNode``), in detectron2's key style.
+
+Every key that a YAML file or a ``KEY VALUE`` command-line pair may set must exist here; an
+unknown key is an error (see :func:`mdkd_det.config.config.merge_from_file`). Units are given in
+each comment: pixels (px), Hounsfield units (HU), iterations (iter).
+"""
+
+from .config import CfgNode as CN
+
+_C = CN()
+_C.VERSION = 1
+
+# --------------------------------------------------------------------------------------------
+# Model
+# --------------------------------------------------------------------------------------------
+_C.MODEL = CN()
+_C.MODEL.DEVICE = "cpu"
+# Detector family, a name in DETECTOR_REGISTRY ("faster_rcnn").
+_C.MODEL.META_ARCHITECTURE = "faster_rcnn"
+# Checkpoint to load before training/evaluation ("" = none). Our own checkpoints or a plain
+# torchvision state dict.
+_C.MODEL.WEIGHTS = ""
+# Per-channel mean/std applied by the detector after scaling pixels to [0, 1]
+# (torchvision's GeneralizedRCNNTransform). Grey CT replicated to 3 channels.
+_C.MODEL.PIXEL_MEAN = [0.485, 0.456, 0.406]
+_C.MODEL.PIXEL_STD = [0.229, 0.224, 0.225]
+
+_C.MODEL.BACKBONE = CN()
+# A name in BACKBONE_REGISTRY: resnet18_fpn, resnet34_fpn, resnet50_fpn,
+# mobilenet_v3_large_fpn, timm_fpn, or a plugin registered under entry point
+# group "mdkd_det.backbones".
+_C.MODEL.BACKBONE.NAME = "resnet18_fpn"
+# Load ImageNet weights for the backbone (needs the weights cached locally; off by default).
+_C.MODEL.BACKBONE.PRETRAINED = False
+# Number of trainable ResNet stages (0..5), as torchvision's trainable_backbone_layers.
+_C.MODEL.BACKBONE.TRAINABLE_LAYERS = 5
+# Norm layer for ResNet bodies: "BN" (trainable BatchNorm, for training from scratch) or
+# "FrozenBN" (torchvision's default with pretrained weights).
+_C.MODEL.BACKBONE.NORM = "BN"
+# timm model name for MODEL.BACKBONE.NAME == "timm_fpn" (features_only=True).
+_C.MODEL.BACKBONE.TIMM_NAME = "resnet18"
+# Which feature levels (indices into timm's features) feed the FPN for timm_fpn.
+_C.MODEL.BACKBONE.TIMM_OUT_INDICES = [1, 2, 3, 4]
+
+_C.MODEL.FPN = CN()
+_C.MODEL.FPN.OUT_CHANNELS = 256
+
+_C.MODEL.ANCHOR_GENERATOR = CN()
+# One tuple of sizes (px, on the resized input) per FPN level, small first. Defaults suit
+# 8-40 px nodules at ~256-512 px inputs.
+_C.MODEL.ANCHOR_GENERATOR.SIZES = [[8], [16], [32], [64], [128]]
+_C.MODEL.ANCHOR_GENERATOR.ASPECT_RATIOS = [[0.5, 1.0, 2.0]]
+
+_C.MODEL.RPN = CN()
+_C.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 1000
+_C.MODEL.RPN.POST_NMS_TOPK_TRAIN = 500
+_C.MODEL.RPN.PRE_NMS_TOPK_TEST = 500
+_C.MODEL.RPN.POST_NMS_TOPK_TEST = 300
+_C.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 256
+_C.MODEL.RPN.POSITIVE_FRACTION = 0.5
+_C.MODEL.RPN.NMS_THRESH = 0.7
+
+_C.MODEL.ROI_HEADS = CN()
+# Foreground classes (background excluded). All built-in datasets map to one class, "lesion".
+_C.MODEL.ROI_HEADS.NUM_CLASSES = 1
+_C.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 128
+_C.MODEL.ROI_HEADS.POSITIVE_FRACTION = 0.25
+_C.MODEL.ROI_HEADS.SCORE_THRESH_TEST = 0.01
+_C.MODEL.ROI_HEADS.NMS_THRESH_TEST = 0.5
+_C.MODEL.ROI_HEADS.DETECTIONS_PER_IMG = 100
+# Hidden size of the TwoMLPHead box head (torchvision default 1024).
+_C.MODEL.ROI_HEADS.MLP_HEAD_DIM = 1024
+
+# --------------------------------------------------------------------------------------------
+# Input
+# --------------------------------------------------------------------------------------------
+_C.INPUT = CN()
+# The detector resizes the shorter side to MIN_SIZE (px) and caps the longer at MAX_SIZE.
+_C.INPUT.MIN_SIZE_TRAIN = 512
+_C.INPUT.MAX_SIZE_TRAIN = 512
+_C.INPUT.MIN_SIZE_TEST = 512
+_C.INPUT.MAX_SIZE_TEST = 512
+# Channels handed to the backbone; grey slices are replicated.
+_C.INPUT.CHANNELS = 3
+# CT window for sources that carry HU (DICOM, 16-bit PNG): level and width in HU.
+# Lung window WL -600 / WW 1500 -> [-1350, 150] HU.
+_C.INPUT.WINDOW = [-600.0, 1500.0]
+# DeepLesion: use the per-row DICOM_windows column instead of INPUT.WINDOW.
+_C.INPUT.USE_DATASET_WINDOW = False
+
+_C.INPUT.AUG = CN()
+# albumentations, all bbox-safe (applied in training only).
+_C.INPUT.AUG.HFLIP_PROB = 0.5
+_C.INPUT.AUG.VFLIP_PROB = 0.0
+_C.INPUT.AUG.AFFINE_PROB = 0.0
+_C.INPUT.AUG.AFFINE_SCALE = [0.9, 1.1]
+_C.INPUT.AUG.AFFINE_TRANSLATE = 0.05  # fraction of the image size
+_C.INPUT.AUG.AFFINE_ROTATE = 10.0  # degrees
+_C.INPUT.AUG.BRIGHTNESS_CONTRAST_PROB = 0.0
+_C.INPUT.AUG.BRIGHTNESS_LIMIT = 0.1
+_C.INPUT.AUG.CONTRAST_LIMIT = 0.1
+# Boxes smaller than this (px) after augmentation are dropped by albumentations.
+_C.INPUT.AUG.MIN_BOX_SIZE = 1.0
+
+# --------------------------------------------------------------------------------------------
+# Datasets
+# --------------------------------------------------------------------------------------------
+_C.DATASETS = CN()
+# Root of the shared data. "" -> $MDKD_DATASETS -> ./datasets (see mdkd_det/utils/env.py).
+_C.DATASETS.ROOT = ""
+# Names in DatasetCatalog. A name of the form "coco:<json>:<image_dir>" registers that
+# COCO dataset on the fly (no Python needed), e.g.
+#   DATASETS.TRAIN "('coco:/data/train.json:/data/train_images',)"
+_C.DATASETS.TRAIN = ("lungct_train",)
+_C.DATASETS.TEST = ("lungct_valid",)
+# Box outside the image: "clip" (clip to the image, drop if degenerate, counted warning)
+# or "error" (raise DatasetError naming the file).
+_C.DATASETS.BOX_POLICY = "clip"
+# Keep images without boxes (negatives) in training.
+_C.DATASETS.KEEP_EMPTY = True
+# Seed and fractions for the deterministic patient-level split of datasets without one.
+_C.DATASETS.SPLIT_SEED = 0
+_C.DATASETS.SPLIT_FRACTIONS = [0.72, 0.08, 0.20]
+# Cap on the number of training / test images (0 = all). For tests and smoke runs.
+_C.DATASETS.TRAIN_LIMIT = 0
+_C.DATASETS.TEST_LIMIT = 0
+
+_C.DATALOADER = CN()
+_C.DATALOADER.NUM_WORKERS = 2
+# Group images of similar aspect ratio in a batch (torchvision's GroupedBatchSampler idea).
+_C.DATALOADER.ASPECT_RATIO_GROUPING = True
+
+# --------------------------------------------------------------------------------------------
+# Solver
+# --------------------------------------------------------------------------------------------
+_C.SOLVER = CN()
+_C.SOLVER.OPTIMIZER = "AdamW"  # "AdamW" or "SGD"
+_C.SOLVER.BASE_LR = 1e-4
+_C.SOLVER.MOMENTUM = 0.9  # SGD only
+_C.SOLVER.WEIGHT_DECAY = 1e-4
+_C.SOLVER.IMS_PER_BATCH = 4  # total over all processes
+_C.SOLVER.MAX_ITER = 1000
+# "WarmupMultiStepLR" or "WarmupCosineLR".
+_C.SOLVER.LR_SCHEDULER_NAME = "WarmupCosineLR"
+_C.SOLVER.STEPS = (700, 900)
+_C.SOLVER.GAMMA = 0.1
+_C.SOLVER.WARMUP_ITERS = 50
+_C.SOLVER.WARMUP_FACTOR = 0.01
+_C.SOLVER.CHECKPOINT_PERIOD = 500
+_C.SOLVER.CLIP_GRADIENTS = CN()
+_C.SOLVER.CLIP_GRADIENTS.ENABLED = True
+_C.SOLVER.CLIP_GRADIENTS.MAX_NORM = 5.0  # paper §6.3
+_C.SOLVER.AMP = CN()
+# Mixed precision: fp16 autocast + GradScaler on CUDA, bf16 autocast on CPU.
+_C.SOLVER.AMP.ENABLED = False
+
+# --------------------------------------------------------------------------------------------
+# Test / evaluation
+# --------------------------------------------------------------------------------------------
+_C.TEST = CN()
+# Evaluate every N iterations (0 = only at the end). The best checkpoint by AP is kept as
+# model_best.pth.
+_C.TEST.EVAL_PERIOD = 0
+# FROC operating points (false positives per image) and hit criterion ("iou" or "center").
+_C.TEST.FROC_FPS = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
+_C.TEST.FROC_HIT = "iou"
+_C.TEST.FROC_IOU = 0.5
+# Number of prediction-vs-ground-truth PNGs written per evaluated dataset.
+_C.TEST.VIS_NUM = 4
+_C.TEST.VIS_SCORE_THRESH = 0.3
+
+# --------------------------------------------------------------------------------------------
+# Misc
+# --------------------------------------------------------------------------------------------
+_C.OUTPUT_DIR = "./output"
+_C.SEED = 0
+# Write a metrics line every N iterations.
+_C.LOG_PERIOD = 20

@@ -1,0 +1,35 @@
+"""Exception families (design.md, "Errors").
+
+Every message names the file, config key or CSV row at fault, so a user can fix the input
+without reading a traceback. Validation happens before training starts wherever possible.
+"""
+
+
+class MdkdError(Exception):
+    """Base class of every error this package raises on purpose."""
+
+
+class ConfigError(MdkdError, KeyError):
+    """Bad config: unknown key, bad value, or a YAML file that cannot be read.
+
+    Subclasses ``KeyError`` so code written against yacs/fvcore (which raise ``KeyError`` for
+    unknown keys) keeps working. ``str()`` returns the plain message (KeyError would quote it).
+    """
+
+    def __str__(self) -> str:  # KeyError.__str__ adds quotes around the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DatasetError(MdkdError, ValueError):
+    """Bad dataset input: missing image, unreadable DICOM, malformed annotation row, ..."""
+
+
+class CheckpointError(MdkdError, RuntimeError):
+    """A checkpoint that is missing, unreadable or does not match its declared architecture."""
+
+
+class RegistryError(MdkdError, KeyError):
+    """An unknown name was looked up in a registry; the message lists the registered names."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else ""

@@ -176,3 +176,110 @@ _C.OUTPUT_DIR = "./output"
 _C.SEED = 0
 # Write a metrics line every N iterations.
 _C.LOG_PERIOD = 20
+
+# --------------------------------------------------------------------------------------------
+# Stage 1: domain-adversarial source teachers (paper Eqs. 2-6, Algorithm 1; notes C2-C5, A11, A12)
+# --------------------------------------------------------------------------------------------
+_C.ADVERSARIAL = CN()
+_C.ADVERSARIAL.ENABLED = False
+# Source dataset names (paired with DATASETS.TRAIN as the target); one teacher per source.
+_C.ADVERSARIAL.SOURCE = ()
+# Discriminator in DISCRIMINATOR_REGISTRY ("conv" = A11 image-level, "mlp").
+_C.ADVERSARIAL.DISCRIMINATOR = "conv"
+# "paper": loss = L_y + lambda*L_d with GRL(1) (Eqs. 5-6 exactly); "grl_only": GRL(lambda).
+_C.ADVERSARIAL.GRAD_SCALING = "paper"
+# "last" = deepest FPN map (A11); "all" = one discriminator per level, losses averaged.
+_C.ADVERSARIAL.LEVELS = "last"
+# lambda(rho) = 2 / (1 + exp(-GAMMA * rho)) - 1, rho = iteration / SOLVER.MAX_ITER (C4).
+_C.ADVERSARIAL.GAMMA = 10.0
+# Flag r of Eq. 2: 1 = the target detection loss also supervises the source teacher.
+_C.ADVERSARIAL.R = 1
+# Per-domain batch sizes b1 (source) and b2 (target) (A12).
+_C.ADVERSARIAL.SOURCE_IMS_PER_BATCH = 2
+_C.ADVERSARIAL.TARGET_IMS_PER_BATCH = 2
+
+# --------------------------------------------------------------------------------------------
+# Stage 2: joint teacher on a FusionBackbone (paper §3.2; notes C8, C11, C12, A5, A20)
+# --------------------------------------------------------------------------------------------
+_C.FUSION = CN()
+# Fusion op in FUSION_REGISTRY: "concat1x1" (paper, detection) or "cross_attention" (A5).
+_C.FUSION.OP = "concat1x1"
+_C.FUSION.OUT_CHANNELS = 256
+# Teacher detector checkpoints (Stage-1 model_final.pth files) and their backbone names.
+_C.FUSION.TEACHERS = ()
+_C.FUSION.TEACHER_BACKBONES = ()
+# Per-teacher input normalisation (list of [r, g, b] lists; empty = MODEL.PIXEL_MEAN/STD).
+_C.FUSION.TEACHER_PIXEL_MEAN = []
+_C.FUSION.TEACHER_PIXEL_STD = []
+
+# --------------------------------------------------------------------------------------------
+# Stage 3: distillation (paper Eq. 24, §6.3; notes C27-C35, A1-A4, A8, A10, A26, A27)
+# --------------------------------------------------------------------------------------------
+_C.KD = CN()
+_C.KD.ENABLED = False
+# Joint-teacher detector checkpoint (Stage-2 model_final.pth) and its config file.
+_C.KD.TEACHER_WEIGHTS = ""
+_C.KD.TEACHER_CONFIG = ""
+_C.KD.W_TASK = 1.0  # alpha (A13)
+_C.KD.W_CON = 0.005  # beta
+_C.KD.W_FALGN = 0.03  # gamma
+_C.KD.W_COS = 0.03  # delta
+_C.KD.W_ATT = 0.01  # eta
+_C.KD.W_CLSKD = 1.0  # zeta
+_C.KD.W_ROIKD = 0.10  # rho (the ROIKD weight, not the progress; A27)
+_C.KD.TEMPERATURE = 2.0  # ClsKD and Con (§6.3)
+_C.KD.KL_DIRECTION = "t||s"  # A2
+_C.KD.CON_MASK_DIAG = False  # A1
+_C.KD.CLSKD_KIND = "softmax"  # "binary" for sigmoid heads (A10)
+_C.KD.REDUCTION = "mean"  # or "paper" (A4)
+# Curriculum factor cf: "cosine" (C34, default for detection, A26), "linear" (Table 1),
+# "constant" (cf = MAX, the paper's literal detection setting).
+_C.KD.CF = CN()
+_C.KD.CF.SCHEDULE = "cosine"
+_C.KD.CF.WARMUP = 5.0  # epochs
+_C.KD.CF.RAMP = 10.0  # epochs
+_C.KD.CF.MAX = 1.0
+# Temperature schedule: "constant" (KD.TEMPERATURE) or "temperature" (C20 annealing).
+_C.KD.TEMPERATURE_SCHEDULE = "constant"
+_C.KD.T_ANNEAL = CN()
+_C.KD.T_ANNEAL.FLOOR = 0.5
+_C.KD.T_ANNEAL.DECAY = 0.9
+_C.KD.T_ANNEAL.EVERY = 5.0
+# beta (Con weight) schedule: "constant" (KD.W_CON) or "beta" (C21 ramp).
+_C.KD.BETA_SCHEDULE = "constant"
+_C.KD.BETA_RAMP = CN()
+_C.KD.BETA_RAMP.START = 0.1
+_C.KD.BETA_RAMP.END = 0.5
+_C.KD.BETA_RAMP.WARMUP = 5.0
+_C.KD.BETA_RAMP.RAMP = 10.0
+# Iterations per schedule "epoch" (A7); 0 = one pass over the training set.
+_C.KD.EPOCH_ITERS = 0
+
+# --------------------------------------------------------------------------------------------
+# The MDKD pipeline (baselines -> Stage 1 -> Stage 2 -> Stage 3; paper Algorithm 1)
+# --------------------------------------------------------------------------------------------
+_C.PIPELINE = CN()
+# Run the staged pipeline instead of a single training (tools/train_net.py dispatches on it).
+_C.PIPELINE.ENABLED = False
+# Source datasets (one adapted teacher each). The target is DATASETS.TRAIN / DATASETS.TEST.
+_C.PIPELINE.SOURCES = ()
+# Stages in order; a subset runs only those (the CLI's --stage does the same).
+_C.PIPELINE.STAGES = ("multi_head", "dataset_specific", "target_teacher", "source_teachers",
+                      "joint_teacher", "student")
+# Backbone of every Stage-1 teacher (the student is MODEL.BACKBONE.NAME; A25).
+_C.PIPELINE.TEACHER_BACKBONE = "resnet18_fpn"
+# Iterations per stage (0 = SOLVER.MAX_ITER).
+_C.PIPELINE.ITERS = CN()
+_C.PIPELINE.ITERS.MULTI_HEAD = 0
+_C.PIPELINE.ITERS.DATASET_SPECIFIC = 0
+_C.PIPELINE.ITERS.TARGET_TEACHER = 0
+_C.PIPELINE.ITERS.SOURCE_TEACHER = 0
+_C.PIPELINE.ITERS.JOINT_TEACHER = 0
+_C.PIPELINE.ITERS.STUDENT = 0
+# Base learning rate of the joint teacher's fusion + new heads (0 = SOLVER.BASE_LR).
+_C.PIPELINE.JOINT_TEACHER_BASE_LR = 0.0
+# A24: when the target teacher has the student's architecture and schedule, it *is* the
+# dataset-specific baseline; reuse its checkpoint instead of training the same run twice.
+_C.PIPELINE.REUSE_TARGET_TEACHER_AS_BASELINE = False
+# Stages to retrain even if their checkpoint exists.
+_C.PIPELINE.RERUN = ()

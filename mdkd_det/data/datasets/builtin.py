@@ -1,0 +1,184 @@
+"""Built-in dataset names over the shared data layout (``$MDKD_DATASETS``).
+
+Expected layout under ``root`` (the folder names of the shared data)::
+
+    lungct_roboflow/{train,valid}/_annotations.coco.json (+ JPEGs)
+    lung_pet_ct_dx_sample/Lung-PET-CT-Dx/...  and  lung_pet_ct_dx_sample/Annotation/<patient>/*.xml
+    deeplesion_sample/DeepLesion_Truth_Samples/{train,test}/*.jpg|*.tru
+    deeplesion/DL_info.csv  and  deeplesion/Images_png/<P>_<S>_<Se>/<slice>.png   (full release)
+
+Registered names (all single class ``"lesion"``, ``evaluator_type="coco"``):
+
+=================================  ===========================================================
+``lungct_train``, ``lungct_valid``  Roboflow COCO export, official train/valid folders
+                                    (records get ``series_id`` = LUNA16 series from the name).
+``lung_pet_ct_dx_all``              every annotated slice; ``_train``/``_val``/``_test`` =
+                                    seeded patient-level split of it (paper_notes A21).
+``deeplesion_sample_train/_test``   JPEG truth samples, all lesion types.
+``deeplesion_sample_lung_train/_test``  the same, lung lesions only (label 5).
+``deeplesion_train/_val/_test``     full release, lung lesions (``Coarse_lesion_type`` 5, only
+                                    labelled in the official val/test), re-split patient-level
+                                    (paper_notes A23).
+=================================  ===========================================================
+
+Registration reads nothing; each name's loader reads its files when called. Full-dataset loads
+shared by several split names (Lung-PET-CT-Dx, DeepLesion) are cached per root for the
+process; every call returns fresh copies of the records.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import os
+from typing import Callable, List, Optional, Sequence, Tuple
+
+from ...utils.env import dataset_root
+from ..catalog import DatasetCatalog, MetadataCatalog
+from .coco import load_coco_json
+from .deeplesion import load_deeplesion
+from .deeplesion_sample import load_deeplesion_sample
+from .lung_pet_ct_dx import load_lung_pet_ct_dx, lung_pet_ct_dx_metadata
+from .splits import lungct_series_id, split_by_patient
+
+__all__ = ["BUILTIN_NAMES", "builtin_paths", "register_builtin"]
+
+LUNGCT_DIR = "lungct_roboflow"
+LUNG_PET_CT_DX_DIR = "lung_pet_ct_dx_sample"
+DEEPLESION_SAMPLE_DIR = "deeplesion_sample"
+DEEPLESION_DIR = "deeplesion"
+
+BUILTIN_NAMES: Tuple[str, ...] = (
+    "lungct_train",
+    "lungct_valid",
+    "lung_pet_ct_dx_all",
+    "lung_pet_ct_dx_train",
+    "lung_pet_ct_dx_val",
+    "lung_pet_ct_dx_test",
+    "deeplesion_sample_train",
+    "deeplesion_sample_test",
+    "deeplesion_sample_lung_train",
+    "deeplesion_sample_lung_test",
+    "deeplesion_train",
+    "deeplesion_val",
+    "deeplesion_test",
+)
+
+_state = {"key": None}
+
+
+def builtin_paths(root: str) -> dict:
+    """Paths the built-in loaders read under ``root`` (nothing is checked)."""
+    return {
+        "lungct_train_json": os.path.join(root, LUNGCT_DIR, "train", "_annotations.coco.json"),
+        "lungct_train_images": os.path.join(root, LUNGCT_DIR, "train"),
+        "lungct_valid_json": os.path.join(root, LUNGCT_DIR, "valid", "_annotations.coco.json"),
+        "lungct_valid_images": os.path.join(root, LUNGCT_DIR, "valid"),
+        "lung_pet_ct_dx_dicom_root": os.path.join(root, LUNG_PET_CT_DX_DIR),
+        "lung_pet_ct_dx_annotations": os.path.join(root, LUNG_PET_CT_DX_DIR, "Annotation"),
+        "deeplesion_sample_root": os.path.join(root, DEEPLESION_SAMPLE_DIR, "DeepLesion_Truth_Samples"),
+        "deeplesion_csv": os.path.join(root, DEEPLESION_DIR, "DL_info.csv"),
+        "deeplesion_images": os.path.join(root, DEEPLESION_DIR, "Images_png"),
+    }
+
+
+@functools.lru_cache(maxsize=4)
+def _lung_pet_ct_dx_all(dicom_root: str, annotation_dir: str) -> Tuple[dict, ...]:
+    return tuple(load_lung_pet_ct_dx(dicom_root, annotation_dir))
+
+
+@functools.lru_cache(maxsize=4)
+def _deeplesion_lung(csv_file: str, image_root: str) -> Tuple[dict, ...]:
+    return tuple(load_deeplesion(csv_file, image_root, split=None, lesion_types=(5,)))
+
+
+def _lungct_loader(name: str, json_file: str, image_root: str) -> Callable[[], List[dict]]:
+    def load() -> List[dict]:
+        records = load_coco_json(json_file, image_root, name, single_class="lesion")
+        for r in records:
+            r["series_id"] = lungct_series_id(r["file_name"])
+        return records
+
+    return load
+
+
+def _split_loader(full: Callable[[], Sequence[dict]], split: Optional[str], seed: int,
+                  fractions: Sequence[float]) -> Callable[[], List[dict]]:
+    def load() -> List[dict]:
+        records = list(full())
+        if split is not None:
+            records = split_by_patient(records, fractions, seed)[split]
+        return copy.deepcopy(records)
+
+    return load
+
+
+def register_builtin(
+    root: Optional[str] = None,
+    split_seed: int = 0,
+    split_fractions: Sequence[float] = (0.72, 0.08, 0.20),
+) -> List[str]:
+    """Register the built-in names (:data:`BUILTIN_NAMES`) for data under ``root``.
+
+    Idempotent: a second call with the same arguments does nothing; a call with a different
+    ``root`` (or split seed/fractions) removes the previous built-in names and registers them
+    again. No file is read here.
+
+    Args:
+        root: data root; ``None`` -> :func:`mdkd_det.utils.env.dataset_root` (``$MDKD_DATASETS``).
+        split_seed: seed of the patient-level splits (config ``DATASETS.SPLIT_SEED``).
+        split_fractions: (train, val, test) patient fractions (``DATASETS.SPLIT_FRACTIONS``).
+
+    Returns:
+        The registered names.
+
+    Raises:
+        DatasetError: a built-in name is already registered by someone else.
+    """
+    root = os.path.abspath(os.path.expanduser(root if root is not None else dataset_root()))
+    fractions = tuple(float(f) for f in split_fractions)
+    key = (root, int(split_seed), fractions)
+    if _state["key"] == key and all(n in DatasetCatalog for n in BUILTIN_NAMES):
+        return list(BUILTIN_NAMES)
+    if _state["key"] is not None:
+        for n in BUILTIN_NAMES:
+            DatasetCatalog.remove(n)
+        _lung_pet_ct_dx_all.cache_clear()
+        _deeplesion_lung.cache_clear()
+    p = builtin_paths(root)
+    lesion_meta = {"thing_classes": ["lesion"], "thing_dataset_id_to_contiguous_id": {1: 0}}
+
+    def reg(name: str, loader: Callable[[], List[dict]], **meta) -> None:
+        DatasetCatalog.register(name, loader)
+        MetadataCatalog.get(name).set(evaluator_type="coco", dataset_root=root, **meta)
+
+    for split in ("train", "valid"):
+        name = f"lungct_{split}"
+        js, imgs = p[f"lungct_{split}_json"], p[f"lungct_{split}_images"]
+        reg(name, _lungct_loader(name, js, imgs), thing_classes=["lesion"], json_file=js,
+            image_root=imgs)
+
+    def lpcd_full():
+        return _lung_pet_ct_dx_all(p["lung_pet_ct_dx_dicom_root"], p["lung_pet_ct_dx_annotations"])
+
+    lpcd_meta = lung_pet_ct_dx_metadata(keep_subtypes=False)
+    reg("lung_pet_ct_dx_all", _split_loader(lpcd_full, None, split_seed, fractions), **lpcd_meta)
+    for split in ("train", "val", "test"):
+        reg(f"lung_pet_ct_dx_{split}", _split_loader(lpcd_full, split, split_seed, fractions),
+            **lpcd_meta)
+
+    for lung in (False, True):
+        for split in ("train", "test"):
+            name = f"deeplesion_sample_{'lung_' if lung else ''}{split}"
+            reg(name, functools.partial(load_deeplesion_sample, p["deeplesion_sample_root"],
+                                        split, lung_only=lung), **lesion_meta)
+
+    def dl_full():
+        return _deeplesion_lung(p["deeplesion_csv"], p["deeplesion_images"])
+
+    for split in ("train", "val", "test"):
+        reg(f"deeplesion_{split}", _split_loader(dl_full, split, split_seed, fractions),
+            **lesion_meta)
+
+    _state["key"] = key
+    return list(BUILTIN_NAMES)

@@ -1,0 +1,97 @@
+"""Detector adapters for distillation: *where to tap* one model family (design.md).
+
+An adapter knows three things about a family and nothing about the KD losses:
+
+1. ``student_taps()``: the :class:`~mdkd_det.distill.taps.TapRecorder` specs to record during
+   the student's own, unmodified training forward;
+2. ``student_inputs(rec)``: turn those records into :class:`KDInputs`;
+3. ``teacher_inputs(teacher, rec)``: run the frozen teacher (``torch.no_grad``) on the *same*
+   transformed batch and, where regions must correspond, on the student's regions, and return
+   :class:`KDInputs` aligned item by item with the student's.
+
+The :class:`~mdkd_det.distill.distiller.Distiller` consumes ``KDInputs`` only, so the Faster
+R-CNN, RF-DETR, detectron2 and seg/cls paths share every loss and the whole KD step.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from ..modeling.registry import Registry
+from .taps import register_detector_taps, teacher_roi_outputs
+
+KD_ADAPTER_REGISTRY = Registry("KD_ADAPTER", entry_point_group="mdkd_det.kd_adapters")
+
+
+@dataclass
+class KDInputs:
+    """What the KD losses read from one model for one step.
+
+    Attributes:
+        features: ``OrderedDict[level, Tensor[B, C, H, W]]`` multi-scale maps (FPN / projector /
+            encoder levels).
+        region_embeddings: ``Tensor[M, D]`` RoI-head embeddings or decoder query embeddings,
+            row m of the student paired with row m of the teacher; None if the family has none.
+        region_logits: ``Tensor[M, K]`` class logits of the same regions (softmax heads include
+            the background logit); None if absent.
+    """
+
+    features: "OrderedDict[str, torch.Tensor]"
+    region_embeddings: Optional[torch.Tensor] = None
+    region_logits: Optional[torch.Tensor] = None
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+@KD_ADAPTER_REGISTRY.register("torchvision_faster_rcnn")
+class TorchvisionFasterRCNNAdapter:
+    """torchvision ``FasterRCNN`` (engineering_notes §5; decision A10).
+
+    Student records: the transformed batch (``ImageList``), the FPN maps, the sampled training
+    proposals (``roi_heads.select_training_samples``), the RoI embeddings (``box_head`` output,
+    [sum M_i, D]) and class logits (``box_predictor`` output, [sum M_i, K+1]). The teacher runs
+    its backbone on the student's transformed tensor and its RoI head on the student's sampled
+    proposals, so region m is the same box for both (ClsKD / ROIKD correspondence).
+
+    Softmax heads: ClsKD uses ``kind="softmax"`` over the K+1 logits.
+    """
+
+    cls_kind = "softmax"
+
+    def student_taps(self) -> Dict[str, object]:
+        return register_detector_taps("torchvision_faster_rcnn")
+
+    def student_inputs(self, rec) -> KDInputs:
+        logits = rec.get("box_predictor")
+        return KDInputs(
+            features=rec["features"],
+            region_embeddings=rec.get("box_features"),
+            region_logits=logits[0] if logits is not None else None,
+        )
+
+    def teacher_inputs(self, teacher: nn.Module, rec) -> KDInputs:
+        teacher = _unwrap(teacher)
+        image_list = rec["images"][0]
+        with torch.no_grad():
+            feats = teacher.backbone(image_list.tensors)
+        sampled = rec.get("sampled")
+        emb = logits = None
+        if sampled is not None:
+            emb, logits = teacher_roi_outputs(teacher, feats, sampled[0], image_list.image_sizes)
+        return KDInputs(features=feats, region_embeddings=emb, region_logits=logits)
+
+
+def build_kd_adapter(name: str):
+    """Instantiate the adapter registered as ``name`` (e.g. ``"torchvision_faster_rcnn"``).
+
+    Raises:
+        RegistryError: unknown name (lists the registered adapters).
+    """
+    return KD_ADAPTER_REGISTRY.get(name)()

@@ -1,0 +1,57 @@
+"""Student-side connectors for feature KD (decision A3, FitNets-style).
+
+A connector maps a student map/vector to the teacher's channel count so that FAlgn, CosSim, Con
+and ROIKD compare like with like. It is ``Identity`` when channels already match (FPN 256 vs
+256), a trainable 1x1 conv (maps) or linear layer (RoI embeddings) otherwise. Connectors belong
+to the student's optimizer and are dropped at export.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Mapping
+
+from torch import nn
+
+
+def feature_connector(student_channels: int, teacher_channels: int) -> nn.Module:
+    """``Identity`` if equal, else ``Conv2d(C_s, C_t, 1)``: [B, C_s, H, W] -> [B, C_t, H, W]."""
+    if student_channels == teacher_channels:
+        return nn.Identity()
+    return nn.Conv2d(student_channels, teacher_channels, kernel_size=1)
+
+
+def embedding_connector(student_dim: int, teacher_dim: int) -> nn.Module:
+    """``Identity`` if equal, else ``Linear(D_s, D_t)``: [M, D_s] -> [M, D_t]."""
+    if student_dim == teacher_dim:
+        return nn.Identity()
+    return nn.Linear(student_dim, teacher_dim)
+
+
+def match_levels_by_stride(student_shapes: Mapping, teacher_shapes: Mapping) -> Dict[str, str]:
+    """Pair student and teacher feature levels with the same stride (decision A25).
+
+    Args:
+        student_shapes, teacher_shapes: ``{name: ShapeSpec}`` from ``output_shape()``.
+
+    Returns:
+        ``{student_level: teacher_level}`` for every stride present in both (the first level of
+        a stride wins when a backbone repeats a stride).
+
+    Raises:
+        ValueError: no common stride.
+    """
+    by_stride = {}
+    for name, spec in teacher_shapes.items():
+        by_stride.setdefault(spec.stride, name)
+    pairs, used = {}, set()
+    for name, spec in student_shapes.items():
+        t = by_stride.get(spec.stride)
+        if t is not None and t not in used:
+            pairs[name] = t
+            used.add(t)
+    if not pairs:
+        raise ValueError(
+            f"student levels {dict((k, v.stride) for k, v in student_shapes.items())} and teacher "
+            f"levels {dict((k, v.stride) for k, v in teacher_shapes.items())} share no stride"
+        )
+    return pairs

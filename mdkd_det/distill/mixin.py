@@ -1,0 +1,66 @@
+"""``KDTrainerMixin``: Stage-3 distillation inside any ``SimpleTrainer`` (design.md "Distiller").
+
+    class KDSimpleTrainer(KDTrainerMixin, SimpleTrainer): ...
+
+Per step: (1) the student's own forward runs unmodified with the adapter's taps recording;
+(2) the frozen teacher runs under ``torch.no_grad`` on the same transformed batch (and on the
+student's regions); (3) the distiller returns the weighted KD terms, scaled by cf; (4) they are
+added to the task loss dict (task terms scaled by alpha = ``KD.W_TASK``). When cf = 0 (warm-up)
+the teacher is not run at all. Each KD term is its own loss-dict entry, so it is logged
+separately to metrics.json and TensorBoard by the trainer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List
+
+import torch
+
+from .distiller import Distiller
+from .taps import TapRecorder
+
+
+class KDTrainerMixin:
+    """Mixin over :class:`~mdkd_det.engine.trainer.SimpleTrainer` adding KD terms.
+
+    Attributes set by the builder (:class:`~mdkd_det.distill.trainer.KDTrainer`):
+        distiller: :class:`Distiller` (teacher, adapter, connectors, schedules).
+        epoch_iters: iterations per schedule "epoch" (A7), > 0.
+        task_weight: alpha of Eq. 24.
+    """
+
+    distiller: Distiller
+    epoch_iters: int = 1
+    task_weight: float = 1.0
+
+    @property
+    def epoch(self) -> float:
+        """0-based, fractional epoch of the current iteration (A7)."""
+        return float(self.iter) / float(max(1, self.epoch_iters))
+
+    def compute_losses(self, batch: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        epoch = self.epoch
+        if not self.distiller.active(epoch):
+            losses = super().compute_losses(batch)
+            return {k: self.task_weight * v for k, v in losses.items()}
+        student = self.model.module if hasattr(self.model, "module") else self.model
+        adapter = self.distiller.adapter
+        with TapRecorder(student, adapter.student_taps()) as rec:
+            losses = super().compute_losses(batch)
+        s_in = adapter.student_inputs(rec)
+        t_in = adapter.teacher_inputs(self.distiller.teacher, rec)
+        kd = self.distiller(s_in, t_in, epoch)
+        out = {k: self.task_weight * v for k, v in losses.items()}
+        out.update(kd)
+        return out
+
+    def after_backward(self) -> None:
+        super().after_backward()
+        # Connector parameters live outside the DDP-wrapped student: average their grads.
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            world = torch.distributed.get_world_size()
+            if world > 1:
+                for p in self.distiller.parameters():
+                    if p.grad is not None:
+                        torch.distributed.all_reduce(p.grad)
+                        p.grad /= world

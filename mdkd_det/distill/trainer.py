@@ -1,0 +1,161 @@
+"""``KDTrainer``: Stage 3 (student distilled from the frozen joint teacher) from config.
+
+Config: ``KD.TEACHER_CONFIG`` (the joint teacher's YAML) and ``KD.TEACHER_WEIGHTS`` (its
+checkpoint), ``KD.W_*`` weights, ``KD.CF.*`` curriculum, ``KD.TEMPERATURE[_SCHEDULE]``,
+``KD.BETA_SCHEDULE`` (paper Eq. 24, §6.3). The student is ``MODEL.*``. After training, the
+student alone is exported to ``OUTPUT_DIR/model_student.pth`` (``{"model": state_dict}``: no
+teacher, hook or connector keys), loadable by the dataset-specific baseline config.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Optional
+
+import torch
+from torch import nn
+
+from ..config import CfgNode, get_cfg
+from ..engine.checkpointer import Checkpointer, export_model
+from ..engine.defaults import DefaultTrainer, build_model
+from ..engine.trainer import SimpleTrainer
+from ..solver import build_optimizer
+from ..utils.errors import ConfigError
+from .adapters import build_kd_adapter
+from .distiller import Distiller, freeze_teacher
+from .mixin import KDTrainerMixin
+from .schedules import build_schedule
+
+logger = logging.getLogger(__name__)
+
+#: adapter name per ``MODEL.META_ARCHITECTURE``.
+ADAPTER_FOR_ARCH = {"faster_rcnn": "torchvision_faster_rcnn"}
+
+
+class KDSimpleTrainer(KDTrainerMixin, SimpleTrainer):
+    """``SimpleTrainer`` with the KD mixin."""
+
+
+def load_teacher_cfg(cfg: CfgNode) -> CfgNode:
+    """The teacher's config: defaults <- ``KD.TEACHER_CONFIG``; weights = ``KD.TEACHER_WEIGHTS``.
+
+    Raises:
+        ConfigError: missing ``KD.TEACHER_CONFIG`` / ``KD.TEACHER_WEIGHTS``, or teacher and student
+            normalise pixels differently (the teacher reads the student's transformed batch).
+    """
+    if not cfg.KD.TEACHER_CONFIG or not cfg.KD.TEACHER_WEIGHTS:
+        raise ConfigError("KD.ENABLED needs KD.TEACHER_CONFIG and KD.TEACHER_WEIGHTS")
+    tcfg = get_cfg()
+    tcfg.merge_from_file(cfg.KD.TEACHER_CONFIG)
+    tcfg.MODEL.WEIGHTS = cfg.KD.TEACHER_WEIGHTS
+    tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
+    if list(tcfg.MODEL.PIXEL_MEAN) != list(cfg.MODEL.PIXEL_MEAN) or list(tcfg.MODEL.PIXEL_STD) != list(cfg.MODEL.PIXEL_STD):
+        raise ConfigError(
+            f"{cfg.KD.TEACHER_CONFIG}: MODEL.PIXEL_MEAN/STD differ from the student's; the teacher "
+            "reads the student's normalised batch (give per-teacher normalisation in FUSION.*)"
+        )
+    return tcfg
+
+
+def build_teacher(cfg: CfgNode) -> nn.Module:
+    """Build and load the frozen teacher detector named by ``KD.TEACHER_*`` (eval, no grad).
+
+    Raises:
+        CheckpointError: the checkpoint does not match the teacher architecture (names the file
+            and the mismatched keys).
+    """
+    tcfg = load_teacher_cfg(cfg)
+    teacher = build_model(tcfg)
+    Checkpointer(teacher, tcfg.OUTPUT_DIR).load(tcfg.MODEL.WEIGHTS)
+    return freeze_teacher(teacher)
+
+
+def _embedding_dim(model: nn.Module) -> Optional[int]:
+    head = getattr(getattr(model, "roi_heads", None), "box_head", None)
+    last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1] if head is not None else None
+    return last.out_features if last is not None else None
+
+
+def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module) -> Distiller:
+    """Distiller for ``student``/``teacher`` from ``cfg.KD`` (weights, schedules, options)."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch not in ADAPTER_FOR_ARCH:
+        raise ConfigError(f"MODEL.META_ARCHITECTURE '{arch}' has no KD adapter; known: {sorted(ADAPTER_FOR_ARCH)}")
+    kd = cfg.KD
+    cf = build_schedule(kd.CF.SCHEDULE, **(
+        {"value": kd.CF.MAX} if kd.CF.SCHEDULE == "constant"
+        else {"warmup": kd.CF.WARMUP, "ramp": kd.CF.RAMP, "max_value": kd.CF.MAX}))
+    t_sched = None
+    if kd.TEMPERATURE_SCHEDULE == "temperature":
+        t_sched = build_schedule("temperature", t1=kd.TEMPERATURE, floor=kd.T_ANNEAL.FLOOR,
+                                 decay=kd.T_ANNEAL.DECAY, every=kd.T_ANNEAL.EVERY)
+    elif kd.TEMPERATURE_SCHEDULE != "constant":
+        raise ConfigError(f"KD.TEMPERATURE_SCHEDULE must be 'constant' or 'temperature', got '{kd.TEMPERATURE_SCHEDULE}'")
+    b_sched = None
+    if kd.BETA_SCHEDULE == "beta":
+        b_sched = build_schedule("beta", start=kd.BETA_RAMP.START, end=kd.BETA_RAMP.END,
+                                 warmup=kd.BETA_RAMP.WARMUP, ramp=kd.BETA_RAMP.RAMP)
+    elif kd.BETA_SCHEDULE != "constant":
+        raise ConfigError(f"KD.BETA_SCHEDULE must be 'constant' or 'beta', got '{kd.BETA_SCHEDULE}'")
+    s_unwrapped = student.module if hasattr(student, "module") else student
+    distiller = Distiller(
+        teacher=teacher,
+        adapter=build_kd_adapter(ADAPTER_FOR_ARCH[arch]),
+        student_shapes=s_unwrapped.backbone.output_shape(),
+        teacher_shapes=teacher.backbone.output_shape(),
+        student_emb_dim=_embedding_dim(s_unwrapped),
+        teacher_emb_dim=_embedding_dim(teacher),
+        weights={"con": kd.W_CON, "falgn": kd.W_FALGN, "cos": kd.W_COS, "att": kd.W_ATT,
+                 "clskd": kd.W_CLSKD, "roikd": kd.W_ROIKD},
+        cf=cf,
+        temperature=kd.TEMPERATURE,
+        temperature_schedule=t_sched,
+        beta_schedule=b_sched,
+        kl_direction=kd.KL_DIRECTION,
+        cls_kind=kd.CLSKD_KIND,
+        reduction=kd.REDUCTION,
+        con_mask_diag=kd.CON_MASK_DIAG,
+    )
+    return distiller.to(torch.device(cfg.MODEL.DEVICE))
+
+
+class KDTrainer(DefaultTrainer):
+    """Stage-3 trainer: student + frozen teacher + KD mixin, from ``cfg`` (paper Alg. 1, l. 38-50).
+
+    Args:
+        cfg: student config with ``KD.*``.
+        model: prebuilt student (default: ``build_model(cfg)``).
+        teacher: prebuilt frozen teacher (default: :func:`build_teacher`).
+    """
+
+    trainer_class = KDSimpleTrainer
+
+    def __init__(self, cfg: CfgNode, model: Optional[nn.Module] = None,
+                 teacher: Optional[nn.Module] = None) -> None:
+        student = model if model is not None else build_model(cfg)
+        self.teacher = teacher if teacher is not None else build_teacher(cfg)
+        self.distiller = build_distiller(cfg, student, self.teacher)
+        super().__init__(cfg, model=student)
+
+    def build_optimizer(self, cfg: CfgNode, model: nn.Module):
+        """Student parameters plus the student-side connectors (A3)."""
+        return build_optimizer(cfg, list(model.parameters()) + list(self.distiller.parameters()))
+
+    def checkpointables(self) -> dict:
+        return {**super().checkpointables(), "distiller": self.distiller}
+
+    def build_trainer(self, model, data_loader) -> SimpleTrainer:
+        trainer = super().build_trainer(model, data_loader)
+        n = len(data_loader.dataset)
+        trainer.distiller = self.distiller
+        trainer.epoch_iters = int(self.cfg.KD.EPOCH_ITERS) or max(
+            1, math.ceil(n / int(self.cfg.SOLVER.IMS_PER_BATCH)))
+        trainer.task_weight = float(self.cfg.KD.W_TASK)
+        return trainer
+
+    def train(self):
+        results = super().train()
+        export_model(self.model, os.path.join(self.cfg.OUTPUT_DIR, "model_student.pth"))
+        return results

@@ -1,0 +1,62 @@
+"""``tools/train_net.py`` / ``mdkd-train`` entry point.
+
+Dispatch: ``--eval-only`` evaluates ``MODEL.WEIGHTS``; otherwise trains with
+:class:`DefaultTrainer` (or, when the config has a ``PIPELINE`` section with stages, runs the MDKD
+pipeline). Errors of the project's families (bad config, bad data, bad checkpoint) are printed as
+one clear line and exit with status 2, before training starts where possible.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from ..utils.errors import MdkdError
+from . import comm
+from .checkpointer import Checkpointer
+from .defaults import DefaultTrainer, build_model, default_argument_parser, default_setup, do_test, setup_cfg
+from .launch import launch
+
+logger = logging.getLogger("mdkd_det")
+
+
+def run(args) -> dict:
+    """Main function of one process: returns the evaluation results dict."""
+    cfg = setup_cfg(args)
+    default_setup(cfg, args)
+    if args.eval_only:
+        model = build_model(cfg)
+        Checkpointer(model, cfg.OUTPUT_DIR).load(cfg.MODEL.WEIGHTS)
+        return do_test(cfg, model)
+    if cfg.PIPELINE.ENABLED:
+        from ..pipeline import run_pipeline
+
+        return run_pipeline(cfg, stages=args.stage or None, rerun=args.rerun or ())
+    trainer = trainer_class_for(cfg)(cfg)
+    trainer.resume_or_load(resume=args.resume)
+    return trainer.train()
+
+
+def trainer_class_for(cfg):
+    """The trainer of a single (non-pipeline) run: KD (Stage 3), domain-adversarial (Stage 1)
+    or plain supervised training."""
+    if cfg.KD.ENABLED:
+        from ..distill.trainer import KDTrainer
+
+        return KDTrainer
+    if cfg.ADVERSARIAL.ENABLED:
+        from .adversarial import DomainAdversarialTrainer
+
+        return DomainAdversarialTrainer
+    return DefaultTrainer
+
+
+def main(argv=None) -> int:
+    args = default_argument_parser().parse_args(argv)
+    try:
+        launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
+               dist_url=args.dist_url, args=(args,))
+    except MdkdError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,302 @@
+"""Config-driven training/evaluation glue (detectron2's ``engine/defaults.py`` counterpart).
+
+- :func:`default_argument_parser` / :func:`default_setup`: the ``tools/train_net.py`` CLI.
+- :func:`build_model`: ``MODEL.META_ARCHITECTURE`` from ``DETECTOR_REGISTRY``.
+- :class:`DefaultTrainer`: builds model, optimizer, LR schedule, resumable loader, checkpointer
+  and hooks from ``cfg``; ``trainer_class`` is the override point for mixins (KD).
+- :func:`do_test`: COCO + FROC evaluation of every ``DATASETS.TEST`` name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import re
+import sys
+from typing import Dict, List, Optional
+
+import numpy as np
+import torch
+
+from ..config import CfgNode, get_cfg
+from ..data.build import build_detection_test_loader, build_detection_train_loader, get_dataset_records
+from ..data.catalog import MetadataCatalog
+from ..data.io import read_image
+from ..evaluation import COCOEvaluator, inference_on_dataset, print_metrics_table
+from ..evaluation.visualize import save_visualizations
+from ..modeling.meta_arch.faster_rcnn import set_test_size
+from ..modeling.registry import DETECTOR_REGISTRY
+from ..solver import build_lr_scheduler, build_optimizer
+from ..utils.errors import ConfigError
+from . import comm, hooks
+from .checkpointer import Checkpointer
+from .events import JSONWriter, ProgressWriter, TensorboardWriter
+from .launch import create_ddp_model
+from .trainer import SimpleTrainer
+
+logger = logging.getLogger("mdkd_det")
+
+
+def default_argument_parser(description: str = "mdkd_det training") -> argparse.ArgumentParser:
+    """detectron2-compatible CLI: --config-file, --resume, --eval-only, --num-gpus,
+    --num-machines, --machine-rank, --dist-url, trailing ``KEY VALUE`` overrides, plus
+    --coco-json/--coco-images to evaluate/train on any COCO dataset given by path."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
+    p.add_argument("--resume", action="store_true",
+                   help="resume from OUTPUT_DIR/last_checkpoint (model, optimizer, LR, iteration, RNG)")
+    p.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS only")
+    p.add_argument("--coco-json", default="", help="COCO annotation JSON to evaluate on")
+    p.add_argument("--coco-images", default="", help="image folder of --coco-json")
+    p.add_argument("--num-gpus", type=int, default=1,
+                   help="processes per machine (GPUs; on a CPU-only machine: CPU processes, gloo)")
+    p.add_argument("--num-machines", type=int, default=1)
+    p.add_argument("--machine-rank", type=int, default=0)
+    p.add_argument("--dist-url", default="auto",
+                   help="init URL, e.g. tcp://host:port; 'auto' picks a free local port")
+    p.add_argument("--stage", action="append", default=[], metavar="STAGE",
+                   help="pipeline configs: run only this stage (repeatable): multi_head, "
+                        "dataset_specific, target_teacher, source_teachers, joint_teacher, student")
+    p.add_argument("--rerun", action="append", default=[], metavar="STAGE",
+                   help="pipeline configs: retrain this stage even if its checkpoint exists")
+    p.add_argument("opts", default=None, nargs=argparse.REMAINDER,
+                   help="KEY VALUE config overrides, e.g. SOLVER.MAX_ITER 100")
+    return p
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", text).strip("_") or "dataset"
+
+
+def coco_dataset_name(json_file: str, image_dir: str) -> str:
+    """Catalog name for a COCO dataset given by path: ``coco:<json>:<image_dir>``."""
+    return f"coco:{os.path.abspath(json_file)}:{os.path.abspath(image_dir)}"
+
+
+def dataset_output_name(name: str) -> str:
+    """Folder name under ``OUTPUT_DIR/inference/`` for dataset ``name`` (path-free)."""
+    if name.startswith("coco:") and ".json:" in name:
+        json_file, image_dir = name[5:].split(".json:", 1)
+        return _safe_name(os.path.basename(os.path.normpath(image_dir)) or os.path.basename(json_file))
+    return _safe_name(name)
+
+
+def setup_cfg(args) -> CfgNode:
+    """Defaults <- ``--config-file`` (with ``_BASE_``) <- ``KEY VALUE`` overrides; frozen.
+
+    ``--coco-json``/``--coco-images`` set ``DATASETS.TEST`` to that dataset.
+
+    Raises:
+        ConfigError: unknown key (naming key and file), missing file, or only one of
+            --coco-json/--coco-images.
+    """
+    cfg = get_cfg()
+    if args.config_file:
+        cfg.merge_from_file(args.config_file)
+    if args.opts:
+        cfg.merge_from_list(args.opts)
+    if bool(args.coco_json) != bool(args.coco_images):
+        raise ConfigError("--coco-json and --coco-images must be given together")
+    if args.coco_json:
+        for path in (args.coco_json, args.coco_images):
+            if not os.path.exists(path):
+                raise ConfigError(f"{path}: not found")
+        cfg.DATASETS.TEST = (coco_dataset_name(args.coco_json, args.coco_images),)
+    cfg.freeze()
+    return cfg
+
+
+def default_setup(cfg: CfgNode, args=None) -> None:
+    """Create ``OUTPUT_DIR``, set up logging, seed RNGs, save the merged config (rank 0)."""
+    os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
+    rank = comm.get_rank()
+    level = logging.INFO if rank == 0 else logging.WARNING
+    fmt = logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%m/%d %H:%M:%S")
+    root = logging.getLogger()
+    if not any(getattr(h, "_mdkd", False) for h in root.handlers):
+        h = logging.StreamHandler(sys.stdout)
+        h.setFormatter(fmt)
+        h._mdkd = True
+        root.addHandler(h)
+        if rank == 0:
+            fh = logging.FileHandler(os.path.join(cfg.OUTPUT_DIR, "log.txt"))
+            fh.setFormatter(fmt)
+            fh._mdkd = True
+            root.addHandler(fh)
+    root.setLevel(level)
+    seed = int(cfg.SEED) + rank
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if rank == 0:
+        with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
+        if args is not None:
+            logger.info("command line: %s", " ".join(sys.argv))
+
+
+def build_model(cfg: CfgNode, backbone=None) -> torch.nn.Module:
+    """Build ``MODEL.META_ARCHITECTURE`` on ``MODEL.DEVICE``.
+
+    Raises:
+        RegistryError: unknown detector or backbone name (lists registered names).
+    """
+    from ..modeling import meta_arch  # noqa: F401  (register built-ins)
+
+    model = DETECTOR_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg, backbone=backbone)
+    return model.to(torch.device(cfg.MODEL.DEVICE))
+
+
+def check_num_classes(cfg: CfgNode, dataset_name: str) -> None:
+    """Raise ConfigError if the dataset's class count differs from MODEL.ROI_HEADS.NUM_CLASSES."""
+    classes = MetadataCatalog.get(dataset_name).get("thing_classes")
+    if classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
+        raise ConfigError(
+            f"dataset '{dataset_name}' has {len(classes)} classes {classes} but "
+            f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES}"
+        )
+
+
+def do_test(cfg: CfgNode, model: torch.nn.Module, output_dir: Optional[str] = None) -> Dict[str, dict]:
+    """Evaluate ``model`` on every ``DATASETS.TEST`` dataset (COCO bbox via faster-coco-eval,
+    FROC) and write ``<output_dir>/inference/<name>/{coco_instances_results.json, metrics.json,
+    vis/*.png}``.
+
+    Returns:
+        ``{dataset_name: {"bbox": {...}, "froc": {...}}}`` (AP in percent).
+    """
+    output_dir = output_dir or cfg.OUTPUT_DIR
+    results = {}
+    inner = model.module if hasattr(model, "module") else model
+    for name in cfg.DATASETS.TEST:
+        records = get_dataset_records(cfg, [name], cfg.DATASETS.TEST_LIMIT)
+        check_num_classes(cfg, name)
+        out = os.path.join(output_dir, "inference", dataset_output_name(name))
+        loader = build_detection_test_loader(cfg, name, records=records)
+        evaluator = COCOEvaluator(
+            name, records, MetadataCatalog.get(name), output_dir=out,
+            froc_fps=tuple(cfg.TEST.FROC_FPS), froc_hit=cfg.TEST.FROC_HIT, froc_iou=cfg.TEST.FROC_IOU,
+        )
+        set_test_size(inner, cfg, train=False)
+        try:
+            res = inference_on_dataset(model, loader, evaluator)
+        finally:
+            set_test_size(inner, cfg, train=True)
+        if comm.is_main_process() and cfg.TEST.VIS_NUM > 0 and getattr(evaluator, "predictions", None):
+            _visualize(cfg, inner, records, out)
+        results[name] = res
+        if comm.is_main_process():
+            logger.info("Evaluation on %s:\n%s", name, print_metrics_table(res))
+    return results
+
+
+def _visualize(cfg, model, records, out_dir) -> List[str]:
+    """Draw the first ``TEST.VIS_NUM`` records with boxes: predictions (red) vs GT (green)."""
+    from ..data.mapper import DatasetMapper
+
+    mapper = DatasetMapper(cfg, is_train=False)
+    chosen = [r for r in records if r.get("annotations")][: int(cfg.TEST.VIS_NUM)]
+    was = model.training
+    model.eval()
+    set_test_size(model, cfg, train=False)
+    with torch.inference_mode():
+        outputs = [model([mapper(r)["image"]])[0] for r in chosen]
+    set_test_size(model, cfg, train=True)
+    model.train(was)
+    return save_visualizations(chosen, outputs, mapper.read, os.path.join(out_dir, "vis"),
+                               num=len(chosen), score_thresh=float(cfg.TEST.VIS_SCORE_THRESH))
+
+
+class DefaultTrainer:
+    """Train a detector from ``cfg`` with hooks (detectron2 ``DefaultTrainer`` counterpart).
+
+    Subclass and override ``trainer_class`` (a :class:`SimpleTrainer` subclass, e.g. with a KD
+    mixin), :meth:`build_model`, :meth:`build_optimizer` or :meth:`build_train_loader`.
+
+    Resume contract: :meth:`resume_or_load` restores model/optimizer/scheduler/iteration/RNG and
+    the train loader is built *after* it, at ``start_iter``, so the sample stream and seeded
+    augmentations continue exactly where the interrupted run stopped.
+    """
+
+    trainer_class = SimpleTrainer
+
+    def __init__(self, cfg: CfgNode, model: Optional[torch.nn.Module] = None) -> None:
+        self.cfg = cfg
+        self.model = model if model is not None else self.build_model(cfg)
+        self.optimizer = self.build_optimizer(cfg, self.model)
+        self.scheduler = build_lr_scheduler(cfg, self.optimizer)
+        # CUDA AMP: the grad scaler is created before resume so its state is restored too.
+        self.grad_scaler = (torch.amp.GradScaler("cuda") if cfg.SOLVER.AMP.ENABLED
+                            and torch.device(cfg.MODEL.DEVICE).type == "cuda" else None)
+        self.checkpointer = Checkpointer(self.model, cfg.OUTPUT_DIR, **self.checkpointables())
+        self.start_iter = 0
+        self.max_iter = int(cfg.SOLVER.MAX_ITER)
+        self.best_metric: Optional[float] = None
+        self._trainer: Optional[SimpleTrainer] = None
+
+    # --- builders (override points) -------------------------------------------------------
+    @classmethod
+    def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        return build_model(cfg)
+
+    def build_optimizer(self, cfg: CfgNode, model: torch.nn.Module):
+        """Optimizer over the trainable parameters (override to add e.g. connectors)."""
+        return build_optimizer(cfg, model)
+
+    def checkpointables(self) -> dict:
+        """Objects saved beside the model in every checkpoint (override to add more)."""
+        extra = {"grad_scaler": self.grad_scaler} if self.grad_scaler is not None else {}
+        return {"optimizer": self.optimizer, "scheduler": self.scheduler, **extra}
+
+    def build_train_loader(self, start_iter: int):
+        return build_detection_train_loader(self.cfg, start_iter=start_iter)
+
+    def build_trainer(self, model, data_loader) -> SimpleTrainer:
+        cfg = self.cfg
+        clip = float(cfg.SOLVER.CLIP_GRADIENTS.MAX_NORM) if cfg.SOLVER.CLIP_GRADIENTS.ENABLED else None
+        return self.trainer_class(model, data_loader, self.optimizer, grad_clip=clip,
+                                  amp=bool(cfg.SOLVER.AMP.ENABLED), grad_scaler=self.grad_scaler)
+
+    def test(self, model=None) -> Dict[str, dict]:
+        return do_test(self.cfg, model or self.model)
+
+    # --- run ------------------------------------------------------------------------------
+    def resume_or_load(self, resume: bool = True) -> int:
+        """Load ``MODEL.WEIGHTS`` or, with ``resume``, the last checkpoint; return start_iter."""
+        extra = self.checkpointer.resume_or_load(self.cfg.MODEL.WEIGHTS, resume=resume)
+        self.start_iter = int(extra.get("iteration", -1)) + 1 if resume and "iteration" in extra else 0
+        return self.start_iter
+
+    def build_hooks(self) -> list:
+        cfg = self.cfg
+        hs = [hooks.IterationTimer(), hooks.LRScheduler(self.scheduler)]
+        if comm.is_main_process():
+            hs.append(hooks.PeriodicCheckpointer(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD,
+                                                 max_iter=self.max_iter))
+
+        def eval_fn():
+            res = self.test(self.model)
+            return {k: v for name, r in res.items() for k, v in r.items()} if len(res) == 1 else \
+                {f"{name}/{k}": v for name, r in res.items() for k, v in r.items()}
+
+        if cfg.DATASETS.TEST:
+            hs.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, eval_fn, metric="bbox/AP",
+                                     checkpointer=self.checkpointer if comm.is_main_process() else None))
+        if comm.is_main_process():
+            writers = [JSONWriter(os.path.join(cfg.OUTPUT_DIR, "metrics.json")),
+                       TensorboardWriter(cfg.OUTPUT_DIR), ProgressWriter(self.max_iter)]
+            hs.append(hooks.PeriodicWriter(writers, period=int(cfg.LOG_PERIOD)))
+        return hs
+
+    def train(self) -> Dict[str, dict]:
+        """Run ``start_iter .. SOLVER.MAX_ITER`` and return the last evaluation results."""
+        model = create_ddp_model(self.model)
+        loader = self.build_train_loader(self.start_iter)
+        self._trainer = self.build_trainer(model, loader)
+        self._trainer.register_hooks(self.build_hooks())
+        self._trainer.train(self.start_iter, self.max_iter)
+        return getattr(self._trainer, "last_eval_results", {}) or {}

@@ -1,0 +1,322 @@
+"""``FusionBackbone``: the Stage-2 joint teacher's backbone (paper §3.2; paper_notes C8, C11,
+C12, A20).
+
+N frozen teacher backbones (target teacher first, then the source teachers) see the same
+batch; their maps are fused level by level by one operator from ``FUSION_REGISTRY`` per level.
+The result has the teachers' keys and strides and ``out_channels`` channels, so it drops into
+any detector that fits a teacher (torchvision ``FasterRCNN(FusionBackbone(...), num_classes)``
+builds new RPN and RoI heads on it, as C12 says).
+
+Frozen means (A20): ``requires_grad=False``, always ``eval()`` (``train()`` is overridden, so
+BatchNorm statistics never change) and run under ``torch.no_grad()``. ``torch.inference_mode()``
+is NOT used: tensors it creates cannot be saved for backward, and the trainable fusion convs
+must save their input (checked with torch 2.14: "Inference tensors cannot be saved for
+backward"). ``no_grad`` costs the same here since the teachers hold no autograd state.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import OrderedDict
+from typing import Iterator, List, Optional, Sequence
+
+import torch
+from torch import nn
+
+from ...utils.errors import CheckpointError, ConfigError
+from ..backbone.base import Backbone
+from ..registry import BACKBONE_REGISTRY
+from .ops import build_fusion_op
+
+logger = logging.getLogger(__name__)
+
+
+class TeacherInput(nn.Module):
+    """Re-normalises the joint detector's input batch for one teacher.
+
+    The batch arrives normalised with the joint model's ``input_mean``/``input_std`` (what its
+    ``GeneralizedRCNNTransform`` produced from [0, 1] pixels). The teacher was trained on
+    ``(x01 - mean) / std``, so
+
+        x01 = x * input_std + input_mean;   x_t = (x01 - mean) / std
+            = x * (input_std / std) + (input_mean - mean) / std
+
+    computed as one affine map per channel; identity (no op) when both pairs are equal.
+
+    Args:
+        mean, std: the teacher's per-channel mean/std (units of [0, 1] pixels), length C.
+        input_mean, input_std: the joint model's; ``None`` = same as the teacher's.
+
+    Shapes:
+        forward(x: Tensor[B, C, H, W]) -> Tensor[B, C, H, W].
+
+    Raises:
+        ValueError: lengths differ, or a std is not positive.
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float],
+                 input_mean: Optional[Sequence[float]] = None,
+                 input_std: Optional[Sequence[float]] = None) -> None:
+        super().__init__()
+        input_mean = mean if input_mean is None else input_mean
+        input_std = std if input_std is None else input_std
+        vals = [list(map(float, v)) for v in (mean, std, input_mean, input_std)]
+        if len({len(v) for v in vals}) != 1:
+            raise ValueError(f"TeacherInput: mean/std/input_mean/input_std lengths differ: {vals}")
+        if any(s <= 0 for s in vals[1] + vals[3]):
+            raise ValueError(f"TeacherInput: std values must be positive, got {vals[1]}, {vals[3]}")
+        mean_t, std_t, in_mean, in_std = (torch.tensor(v).view(1, -1, 1, 1) for v in vals)
+        self.identity = bool(torch.equal(mean_t, in_mean) and torch.equal(std_t, in_std))
+        # Non-persistent: the normalisation comes from config, not from checkpoints.
+        self.register_buffer("scale", in_std / std_t, persistent=False)
+        self.register_buffer("shift", (in_mean - mean_t) / std_t, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.identity:
+            return x
+        if x.shape[1] != self.scale.shape[1]:
+            raise ValueError(f"TeacherInput: input has {x.shape[1]} channels, normalisation "
+                             f"has {self.scale.shape[1]}")
+        return x * self.scale + self.shift
+
+    def extra_repr(self) -> str:
+        return "identity" if self.identity else f"scale={self.scale.flatten().tolist()}, " \
+                                                 f"shift={self.shift.flatten().tolist()}"
+
+
+class FusionBackbone(Backbone):
+    """Frozen teacher backbones + one trainable fusion operator per level (paper C12).
+
+    Args:
+        teachers: N backbones (each following the :class:`Backbone` contract), target teacher
+            first. They are frozen in place (``requires_grad_(False)``, ``eval()``).
+        fusion_op: name in ``FUSION_REGISTRY`` ("concat1x1" = paper; "cross_attention" = A5).
+        out_channels: channels of every fused map (paper: fixed number; 256).
+        teacher_inputs: one :class:`TeacherInput` (or None = identity) per teacher.
+        fusion_kwargs: extra keyword arguments for every fusion operator.
+
+    Shapes:
+        forward(x: Tensor[B, C, H, W]) -> OrderedDict[name, Tensor[B, out_channels, H/s, W/s]]
+        with the first teacher's names and strides s (px).
+
+    Raises:
+        ValueError: no teachers; a teacher's keys or strides differ from teacher 0's (the
+            message names the teacher index and both key/stride sets); wrong number of
+            ``teacher_inputs``.
+        RegistryError: unknown ``fusion_op``.
+    """
+
+    def __init__(self, teachers: Sequence[nn.Module], fusion_op: str = "concat1x1",
+                 out_channels: int = 256,
+                 teacher_inputs: Optional[Sequence[Optional[TeacherInput]]] = None,
+                 fusion_kwargs: Optional[dict] = None) -> None:
+        super().__init__()
+        teachers = list(teachers)
+        if not teachers:
+            raise ValueError("FusionBackbone needs at least one teacher backbone")
+        if teacher_inputs is None:
+            teacher_inputs = [None] * len(teachers)
+        if len(teacher_inputs) != len(teachers):
+            raise ValueError(f"FusionBackbone: {len(teacher_inputs)} teacher_inputs for "
+                             f"{len(teachers)} teachers")
+        shapes = [t.output_shape() for t in teachers]
+        ref = shapes[0]
+        for i, s in enumerate(shapes[1:], start=1):
+            if list(s) != list(ref):
+                raise ValueError(f"FusionBackbone: teacher {i} has output keys {list(s)}, "
+                                 f"teacher 0 has {list(ref)}; teachers must share key sets")
+            strides = {k: v.stride for k, v in s.items()}
+            ref_strides = {k: v.stride for k, v in ref.items()}
+            if strides != ref_strides:
+                raise ValueError(f"FusionBackbone: teacher {i} has strides {strides} (px), "
+                                 f"teacher 0 has {ref_strides}; teachers must share strides")
+        self.teachers = nn.ModuleList(teachers)
+        self.teacher_inputs = nn.ModuleList(
+            ti if ti is not None else nn.Identity() for ti in teacher_inputs
+        )
+        self.teachers.requires_grad_(False)
+        self.teachers.eval()
+        self.fusion_op_name = fusion_op
+        self.out_channels = int(out_channels)
+        self.fusion = nn.ModuleDict()
+        for name, spec in ref.items():
+            in_ch = [s[name].channels for s in shapes]
+            self.fusion[name] = build_fusion_op(fusion_op, in_ch, self.out_channels,
+                                                **(fusion_kwargs or {}))
+            self._out_feature_channels[name] = self.out_channels
+            self._out_feature_strides[name] = int(spec.stride)
+
+    @property
+    def num_teachers(self) -> int:
+        """N, the number of teacher backbones (m + 1)."""
+        return len(self.teachers)
+
+    def train(self, mode: bool = True) -> "FusionBackbone":
+        """Set train/eval mode of the fusion ops; the teachers stay in ``eval()`` (A20)."""
+        super().train(mode)
+        self.teachers.eval()
+        return self
+
+    def fusion_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the fusion operators only (the trainable part of this backbone)."""
+        return self.fusion.parameters()
+
+    def teacher_features(self, x: torch.Tensor) -> List["OrderedDict[str, torch.Tensor]"]:
+        """Each teacher's maps for batch ``x`` (joint normalisation), under ``no_grad``.
+
+        Shapes: ``x: Tensor[B, C, H, W]`` -> N x OrderedDict[name, Tensor[B, C_k, H/s, W/s]].
+        """
+        with torch.no_grad():
+            return [t(norm(x)) for t, norm in zip(self.teachers, self.teacher_inputs)]
+
+    def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        feats = self.teacher_features(x)
+        return OrderedDict(
+            (name, op([f[name] for f in feats])) for name, op in self.fusion.items()
+        )
+
+
+def _read_checkpoint(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"teacher checkpoint '{path}' does not exist")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e_safe:  # our own checkpoints may hold non-tensor objects (e.g. a cfg)
+        logger.warning("weights_only load of %s failed (%s); retrying with weights_only=False",
+                       path, e_safe)
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=False)
+        except Exception as e:
+            raise CheckpointError(f"cannot read teacher checkpoint '{path}': {e}") from e
+    for key in ("model", "state_dict"):  # our Checkpointer's layout, then Lightning-style
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt  # a plain state dict
+    raise CheckpointError(f"teacher checkpoint '{path}' holds neither {{'model': state_dict}} "
+                          f"nor a state dict (top-level keys: {list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt)})")
+
+
+def _fmt(keys: Sequence[str], n: int = 10) -> str:
+    keys = sorted(keys)
+    return str(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
+
+
+def load_teacher_backbone(backbone: nn.Module, ckpt_path: str, prefix: str = "backbone.") -> nn.Module:
+    """Load a teacher's backbone weights from a full-detector checkpoint, strictly.
+
+    The checkpoint is ``{"model": state_dict}`` (the layout of
+    :mod:`mdkd_det.engine.checkpointer`; ``{"state_dict": ...}`` or a bare state dict are also
+    accepted) of a whole detector,
+    e.g. torchvision ``FasterRCNN(<our Backbone>, ...)``, whose backbone keys read
+    ``backbone.body.body.layer1...`` (ResNet) and ``backbone.body.fpn...`` (FPN): our
+    :class:`WrappedBackbone` holds torchvision's ``BackboneWithFPN`` as ``.body``. Keys starting
+    with ``prefix`` are kept with the prefix stripped; all other keys (RPN, RoI heads,
+    discriminators) are ignored.
+
+    Args:
+        backbone: freshly built backbone of the teacher's architecture.
+        ckpt_path: checkpoint file.
+        prefix: key prefix of the backbone inside the detector state dict.
+
+    Returns:
+        ``backbone`` with the weights loaded.
+
+    Raises:
+        CheckpointError: missing/unreadable file, no key with ``prefix``, or a mismatch; the
+            message names the file and the missing, unexpected and shape-mismatched keys.
+    """
+    sd = _read_checkpoint(ckpt_path)
+    sub = OrderedDict((k[len(prefix):], v) for k, v in sd.items() if k.startswith(prefix))
+    if not sub:
+        raise CheckpointError(f"teacher checkpoint '{ckpt_path}' has no keys starting with "
+                              f"'{prefix}' (first keys: {_fmt(list(sd), 5)})")
+    own = backbone.state_dict()
+    shape = [f"{k}: checkpoint {tuple(v.shape)} vs model {tuple(own[k].shape)}"
+             for k, v in sub.items() if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    if shape:
+        raise CheckpointError(f"teacher checkpoint '{ckpt_path}' does not match the backbone: "
+                              f"shape mismatch {_fmt(shape)}")
+    # strict=False so module hooks (e.g. FrozenBatchNorm2d dropping num_batches_tracked) run;
+    # strictness is enforced on the returned key lists.
+    result = backbone.load_state_dict(sub, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        parts = []
+        if result.missing_keys:
+            parts.append(f"missing {_fmt(result.missing_keys)}")
+        if result.unexpected_keys:
+            parts.append(f"unexpected {_fmt([prefix + k for k in result.unexpected_keys])}")
+        raise CheckpointError(f"teacher checkpoint '{ckpt_path}' does not match the backbone "
+                              f"(keys after stripping '{prefix}'): " + "; ".join(parts))
+    return backbone
+
+
+def _per_teacher(values, n: int, key: str, default):
+    """Broadcast a config list to N teachers: [] -> default, [v] -> N copies, N values kept.
+
+    A flat list of numbers counts as one value (so ``TEACHER_PIXEL_MEAN [0.5, 0.5, 0.5]`` is
+    shared by all teachers).
+    """
+    values = list(values)
+    if values and all(isinstance(v, (int, float)) for v in values):
+        values = [values]  # one flat list (e.g. a mean) shared by every teacher
+    if not values:
+        return [default] * n
+    if len(values) == 1:
+        return values * n
+    if len(values) != n:
+        raise ConfigError(f"{key} has {len(values)} entries for {n} teachers (give 0, 1 or {n})")
+    return values
+
+
+@BACKBONE_REGISTRY.register("fusion")
+def build_fusion_backbone(cfg) -> FusionBackbone:
+    """Build the joint teacher's :class:`FusionBackbone` from ``cfg.FUSION`` (C12).
+
+    Keys (read with defaults, so they may be absent): ``FUSION.OP`` ("concat1x1"),
+    ``FUSION.OUT_CHANNELS`` (256), ``FUSION.TEACHERS`` (checkpoint paths, target teacher first;
+    ``[]`` or an entry ``""`` = random teacher, for smoke tests only, with a warning),
+    ``FUSION.TEACHER_BACKBONES`` (registry names; 1 entry is broadcast), ``FUSION.
+    TEACHER_PIXEL_MEAN`` / ``TEACHER_PIXEL_STD`` (lists of per-teacher lists; ``[]`` = the
+    joint model's ``MODEL.PIXEL_MEAN``/``STD``). Teachers are built with the rest of ``cfg``
+    (``MODEL.BACKBONE.NORM``, ``MODEL.FPN.OUT_CHANNELS``, ``INPUT.CHANNELS``) and
+    ``MODEL.BACKBONE.PRETRAINED=False`` (weights come from the checkpoints).
+
+    Raises:
+        ConfigError: no teacher backbones, inconsistent list lengths, or "fusion" as a teacher.
+        CheckpointError: from :func:`load_teacher_backbone`.
+        ValueError: teachers with different keys/strides.
+    """
+    from ..backbone.build import build_backbone
+
+    fcfg = getattr(cfg, "FUSION", None)
+    get = (lambda k, d: getattr(fcfg, k, d)) if fcfg is not None else (lambda k, d: d)
+    ckpts = list(get("TEACHERS", []))
+    names = list(get("TEACHER_BACKBONES", []))
+    n = max(len(ckpts), len(names))
+    if not names:
+        raise ConfigError("FUSION.TEACHER_BACKBONES is empty: give the registry name of each "
+                          "teacher backbone (target teacher first)")
+    names = _per_teacher(names, n, "FUSION.TEACHER_BACKBONES", None)
+    ckpts = _per_teacher(ckpts, n, "FUSION.TEACHERS", "") if ckpts else [""] * n
+    if "fusion" in names:
+        raise ConfigError("FUSION.TEACHER_BACKBONES must not contain 'fusion'")
+    means = _per_teacher(get("TEACHER_PIXEL_MEAN", []), n, "FUSION.TEACHER_PIXEL_MEAN",
+                         list(cfg.MODEL.PIXEL_MEAN))
+    stds = _per_teacher(get("TEACHER_PIXEL_STD", []), n, "FUSION.TEACHER_PIXEL_STD",
+                        list(cfg.MODEL.PIXEL_STD))
+    tcfg = cfg.clone()
+    tcfg.defrost()
+    tcfg.MODEL.BACKBONE.PRETRAINED = False
+    teachers, inputs = [], []
+    for i, (name, ckpt) in enumerate(zip(names, ckpts)):
+        t = build_backbone(tcfg, name)
+        if ckpt:
+            load_teacher_backbone(t, ckpt)
+        else:
+            logger.warning("FUSION teacher %d (%s) has no checkpoint: random weights", i, name)
+        teachers.append(t)
+        inputs.append(TeacherInput(means[i], stds[i], cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD))
+    return FusionBackbone(teachers, fusion_op=get("OP", "concat1x1"),
+                          out_channels=int(get("OUT_CHANNELS", 256)), teacher_inputs=inputs)

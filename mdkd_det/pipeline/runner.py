@@ -1,0 +1,299 @@
+"""The MDKD pipeline: baselines -> Stage 1 -> Stage 2 -> Stage 3 -> results table.
+
+This is the only module that knows the paper's stage order (Algorithm 1; §3, §4.3, §6.2):
+
+=================  =============================================================  ===========
+stage              what                                                           trainer
+=================  =============================================================  ===========
+multi_head         shared backbone, one RPN+RoI head per dataset (C38)            MultiHeadTrainer
+dataset_specific   student architecture on the target alone (C37)                 DefaultTrainer
+target_teacher     teacher architecture on the target alone (C1, Eq. 8)           DefaultTrainer
+source_teachers    one per source, paired batches + GRL discriminator (Eqs. 2-6)  DomainAdversarialTrainer
+joint_teacher      FusionBackbone over the frozen teachers + new heads (§3.2)     DefaultTrainer
+student            student distilled from the joint teacher (Eq. 24)              KDTrainer
+=================  =============================================================  ===========
+
+Each stage is an ordinary trainer run on a config delta, in ``OUTPUT_DIR/<stage>/`` (source
+teachers in ``OUTPUT_DIR/source_teacher_<name>/``). A stage whose ``model_final.pth`` and
+``stage_result.json`` exist is skipped (unless in ``PIPELINE.RERUN`` / ``--rerun``); one with
+only a ``last_checkpoint`` resumes exactly. ``OUTPUT_DIR/results.json`` and ``results.md``
+collect the target-evaluation rows (AP in percent) and each stage's wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Dict, List, Optional, Sequence
+
+from ..config import CfgNode
+from ..engine import comm
+from ..engine.checkpointer import atomic_write_text
+from ..engine.defaults import DefaultTrainer, dataset_output_name
+from ..utils.errors import ConfigError
+
+logger = logging.getLogger("mdkd_det.pipeline")
+
+STAGES = ("multi_head", "dataset_specific", "target_teacher", "source_teachers", "joint_teacher", "student")
+#: results.json row of each stage that produces one.
+ROW_OF_STAGE = {"multi_head": "multi_head", "dataset_specific": "dataset_specific",
+                "joint_teacher": "joint_teacher", "student": "student"}
+ROW_TITLES = {"multi_head": "Multi-head", "dataset_specific": "Dataset-specific",
+              "joint_teacher": "Joint teacher", "student": "Student"}
+#: Paper Table 16 (Faster R-CNN), mAP@[.5:.95] / mAP@.5, for reference next to our numbers.
+PAPER_TABLE16 = {
+    "LungCT": {"multi_head": (44.52, 80.73), "dataset_specific": (47.23, 83.20),
+               "joint_teacher": (49.31, 87.34), "student": (47.89, 85.53)},
+    "LungPet": {"multi_head": (63.83, 97.45), "dataset_specific": (66.72, 99.05),
+                "joint_teacher": (65.74, 99.51), "student": (65.61, 99.28)},
+    "DeepLesion": {"multi_head": (38.33, 70.68), "dataset_specific": (41.20, 73.91),
+                   "joint_teacher": (49.94, 86.40), "student": (45.03, 80.46)},
+}
+
+
+def _paper_key(target: str) -> Optional[str]:
+    t = target.lower()
+    if t.startswith("lungct"):
+        return "LungCT"
+    if t.startswith("lung_pet_ct_dx"):
+        return "LungPet"
+    if t.startswith("deeplesion"):
+        return "DeepLesion"
+    return None
+
+
+class PipelineRunner:
+    """Run the MDKD stages for ``cfg`` (``PIPELINE.*``, ``DATASETS.TRAIN`` = target).
+
+    Args:
+        cfg: frozen pipeline config.
+        stages: subset of :data:`STAGES` to run (default ``PIPELINE.STAGES``); stages not run
+            but already finished still contribute their rows to the results.
+        rerun: stages to retrain even when finished.
+
+    Raises:
+        ConfigError: unknown stage name, no sources for Stage 1, or a reuse flag that cannot be
+            exact.
+    """
+
+    def __init__(self, cfg: CfgNode, stages: Optional[Sequence[str]] = None,
+                 rerun: Sequence[str] = ()) -> None:
+        self.cfg = cfg
+        self.stages = list(stages or cfg.PIPELINE.STAGES)
+        bad = [s for s in self.stages + list(rerun) + list(cfg.PIPELINE.RERUN) if s not in STAGES]
+        if bad:
+            raise ConfigError(f"unknown pipeline stage(s) {bad}; stages: {list(STAGES)}")
+        self.rerun = set(rerun) | set(cfg.PIPELINE.RERUN)
+        if not cfg.DATASETS.TEST:
+            raise ConfigError("the pipeline evaluates on DATASETS.TEST; it is empty")
+        self.target = list(cfg.DATASETS.TRAIN)
+        self.eval_dataset = cfg.DATASETS.TEST[0]
+        self.sources = list(cfg.PIPELINE.SOURCES)
+        self.root = cfg.OUTPUT_DIR
+        self.wall: Dict[str, float] = {}
+        self.rows: Dict[str, dict] = {}
+
+    # --- config deltas --------------------------------------------------------------------
+    def _iters(self, key: str) -> int:
+        return int(getattr(self.cfg.PIPELINE.ITERS, key)) or int(self.cfg.SOLVER.MAX_ITER)
+
+    def stage_cfg(self, stage: str, source: Optional[str] = None) -> CfgNode:
+        """The config of one stage: the pipeline config plus that stage's delta."""
+        c = self.cfg.clone()
+        c.defrost()
+        c.PIPELINE.ENABLED = False
+        c.DATASETS.TEST = (self.eval_dataset,)
+        teacher_bb = c.PIPELINE.TEACHER_BACKBONE
+        if stage == "multi_head":
+            c.SOLVER.MAX_ITER = self._iters("MULTI_HEAD")
+        elif stage == "dataset_specific":
+            c.SOLVER.MAX_ITER = self._iters("DATASET_SPECIFIC")
+        elif stage == "target_teacher":
+            c.MODEL.BACKBONE.NAME = teacher_bb
+            c.SOLVER.MAX_ITER = self._iters("TARGET_TEACHER")
+        elif stage == "source_teacher":
+            c.MODEL.BACKBONE.NAME = teacher_bb
+            c.SOLVER.MAX_ITER = self._iters("SOURCE_TEACHER")
+            c.ADVERSARIAL.ENABLED = True
+            c.ADVERSARIAL.SOURCE = (source,)
+        elif stage == "joint_teacher":
+            c.SOLVER.MAX_ITER = self._iters("JOINT_TEACHER")
+            if c.PIPELINE.JOINT_TEACHER_BASE_LR > 0:
+                c.SOLVER.BASE_LR = c.PIPELINE.JOINT_TEACHER_BASE_LR
+            c.MODEL.BACKBONE.NAME = "fusion"
+            c.FUSION.TEACHERS = tuple(self.teacher_checkpoints())
+            c.FUSION.TEACHER_BACKBONES = tuple([teacher_bb] * len(c.FUSION.TEACHERS))
+        elif stage == "student":
+            c.SOLVER.MAX_ITER = self._iters("STUDENT")
+            c.KD.ENABLED = True
+            c.KD.TEACHER_CONFIG = os.path.join(self.stage_dir("joint_teacher"), "config.yaml")
+            c.KD.TEACHER_WEIGHTS = os.path.join(self.stage_dir("joint_teacher"), "model_final.pth")
+        else:
+            raise ConfigError(f"unknown stage '{stage}'")
+        c.SOLVER.CHECKPOINT_PERIOD = min(int(c.SOLVER.CHECKPOINT_PERIOD), int(c.SOLVER.MAX_ITER))
+        c.OUTPUT_DIR = self.stage_dir(stage, source)
+        c.freeze()
+        return c
+
+    def stage_dir(self, stage: str, source: Optional[str] = None) -> str:
+        name = f"source_teacher_{dataset_output_name(source)}" if stage == "source_teacher" else stage
+        return os.path.join(self.root, name)
+
+    def teacher_checkpoints(self) -> List[str]:
+        """Stage-1 checkpoints, target teacher first (the query of cross-attention fusion)."""
+        paths = [os.path.join(self.stage_dir("target_teacher"), "model_final.pth")]
+        paths += [os.path.join(self.stage_dir("source_teacher", s), "model_final.pth") for s in self.sources]
+        return paths
+
+    # --- running --------------------------------------------------------------------------
+    def _done(self, out_dir: str) -> bool:
+        return (os.path.isfile(os.path.join(out_dir, "model_final.pth"))
+                and os.path.isfile(os.path.join(out_dir, "stage_result.json")))
+
+    def _run_one(self, name: str, cfg: CfgNode, make_trainer, checkpoint: str = "model_final.pth",
+                 after_train=None) -> dict:
+        """Train (or skip/resume) one stage and evaluate it on the target; returns its result."""
+        out = cfg.OUTPUT_DIR
+        result_file = os.path.join(out, "stage_result.json")
+        if self._done(out) and name not in self.rerun and not (
+                name.startswith("source_teacher") and "source_teachers" in self.rerun):
+            with open(result_file) as f:
+                res = json.load(f)
+            logger.info("[pipeline] %s: finished earlier (%s); skipped", name, out)
+            return res
+        os.makedirs(out, exist_ok=True)
+        with open(os.path.join(out, "config.yaml"), "w") as f:
+            f.write(cfg.dump())
+        resume = (os.path.isfile(os.path.join(out, "last_checkpoint"))
+                  and name not in self.rerun)
+        logger.info("[pipeline] %s: training %d iterations -> %s%s", name, cfg.SOLVER.MAX_ITER,
+                    out, " (resuming)" if resume else "")
+        t0 = time.perf_counter()
+        trainer = make_trainer(cfg)
+        trainer.resume_or_load(resume=resume)
+        results = trainer.train()
+        if after_train is not None:
+            after_train(trainer)
+        metrics = results.get("bbox") if results else None
+        if not metrics:  # no eval hook ran (e.g. resumed at the end): evaluate now
+            metrics = trainer.test()[self.eval_dataset]["bbox"]
+        wall = time.perf_counter() - t0
+        res = {"AP": metrics.get("AP"), "AP50": metrics.get("AP50"),
+               "checkpoint": os.path.abspath(os.path.join(out, checkpoint)), "wall_time_s": wall}
+        if comm.is_main_process():
+            atomic_write_text(result_file, json.dumps(res, indent=2))
+        return res
+
+    def run(self) -> dict:
+        """Run the selected stages in order and write ``results.json`` / ``results.md``."""
+        from ..distill.trainer import KDTrainer
+        from ..engine.adversarial import DomainAdversarialTrainer
+        from ..engine.multi_head import MultiHeadTrainer
+
+        os.makedirs(self.root, exist_ok=True)
+        cfg = self.cfg
+        for stage in STAGES:
+            if stage == "source_teachers":
+                if stage in self.stages and not self.sources:
+                    raise ConfigError("source_teachers needs PIPELINE.SOURCES")
+                for src in self.sources:
+                    key = f"source_teacher_{dataset_output_name(src)}"
+                    scfg = self.stage_cfg("source_teacher", src)
+                    if stage in self.stages:
+                        self.wall[key] = self._run_one(key, scfg, DomainAdversarialTrainer)["wall_time_s"]
+                continue
+            scfg = self.stage_cfg(stage)
+            if stage not in self.stages:
+                self._collect(stage, scfg)
+                continue
+            if stage == "dataset_specific" and cfg.PIPELINE.REUSE_TARGET_TEACHER_AS_BASELINE:
+                self._check_reuse()
+                continue  # filled from the target teacher below
+            if stage == "multi_head":
+                names = self.target + self.sources
+                head_ckpt = os.path.join(scfg.OUTPUT_DIR, "model_target_head.pth")
+                res = self._run_one(stage, scfg, lambda c: MultiHeadTrainer(c, names),
+                                    checkpoint="model_target_head.pth",
+                                    after_train=lambda t: t.export_head(names[0], head_ckpt))
+            elif stage == "student":
+                res = self._run_one(stage, scfg, KDTrainer, checkpoint="model_student.pth")
+            else:
+                res = self._run_one(stage, scfg, DefaultTrainer)
+            self.wall[stage] = res["wall_time_s"]
+            if stage in ROW_OF_STAGE:
+                self.rows[ROW_OF_STAGE[stage]] = res
+            if stage == "target_teacher" and cfg.PIPELINE.REUSE_TARGET_TEACHER_AS_BASELINE:
+                self.rows["dataset_specific"] = dict(res, reused_from="target_teacher")
+        return self.write_results()
+
+    def _collect(self, stage: str, scfg: CfgNode) -> None:
+        """Pick up the row of a stage finished in an earlier run (not run now)."""
+        f = os.path.join(scfg.OUTPUT_DIR, "stage_result.json")
+        if os.path.isfile(f):
+            with open(f) as fh:
+                res = json.load(fh)
+            self.wall.setdefault(stage, res.get("wall_time_s", float("nan")))
+            if stage in ROW_OF_STAGE:
+                self.rows.setdefault(ROW_OF_STAGE[stage], res)
+
+    def _check_reuse(self) -> None:
+        c = self.cfg
+        if c.PIPELINE.TEACHER_BACKBONE != c.MODEL.BACKBONE.NAME or \
+                self._iters("TARGET_TEACHER") != self._iters("DATASET_SPECIFIC"):
+            raise ConfigError(
+                "PIPELINE.REUSE_TARGET_TEACHER_AS_BASELINE needs PIPELINE.TEACHER_BACKBONE == "
+                "MODEL.BACKBONE.NAME and equal PIPELINE.ITERS.TARGET_TEACHER / DATASET_SPECIFIC "
+                "(then the two runs are the same run)"
+            )
+
+    # --- results --------------------------------------------------------------------------
+    def write_results(self) -> dict:
+        """Write ``results.json`` (schema in the issue) and ``results.md``; return the dict."""
+        results = {
+            "target": "+".join(self.target),
+            "eval_dataset": self.eval_dataset,
+            "rows": {k: {"AP": _num(v.get("AP")), "AP50": _num(v.get("AP50")),
+                         "checkpoint": v.get("checkpoint")}
+                     for k, v in self.rows.items()},
+            "wall_time_s": {k: round(float(v), 1) for k, v in self.wall.items()},
+        }
+        if comm.is_main_process():
+            atomic_write_text(os.path.join(self.root, "results.json"), json.dumps(results, indent=2))
+            md = self.results_markdown(results)
+            atomic_write_text(os.path.join(self.root, "results.md"), md)
+            logger.info("MDKD results (%s):\n%s", self.eval_dataset, md)
+        return results
+
+    def results_markdown(self, results: dict) -> str:
+        paper = PAPER_TABLE16.get(_paper_key(self.target[0]) or "", {})
+        head = "| Model | mAP@[.5:.95] | mAP@.5 |"
+        sep = "|---|---|---|"
+        if paper:
+            head += " paper Table 16 (full data, GPU) |"
+            sep += "---|"
+        lines = [f"Target {results['target']}, evaluated on {results['eval_dataset']} "
+                 "(Faster R-CNN; AP in percent)", "", head, sep]
+        for key in ("multi_head", "dataset_specific", "joint_teacher", "student"):
+            row = results["rows"].get(key)
+            ap = "n/a" if row is None or row["AP"] is None else f"{row['AP']:.2f}"
+            ap50 = "n/a" if row is None or row["AP50"] is None else f"{row['AP50']:.2f}"
+            line = f"| {ROW_TITLES[key]} | {ap} | {ap50} |"
+            if paper:
+                p = paper[key]
+                line += f" {p[0]:.2f} / {p[1]:.2f} |"
+            lines.append(line)
+        lines += ["", "| Stage | wall time (s) |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in results["wall_time_s"].items()]
+        return "\n".join(lines) + "\n"
+
+
+def _num(x) -> Optional[float]:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 3)
+
+
+def run_pipeline(cfg: CfgNode, stages: Optional[Sequence[str]] = None, rerun: Sequence[str] = ()) -> dict:
+    """Convenience wrapper: ``PipelineRunner(cfg, stages, rerun).run()``."""
+    return PipelineRunner(cfg, stages, rerun).run()

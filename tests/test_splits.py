@@ -1,0 +1,107 @@
+"""Tests for mdkd_det.data.datasets.splits (patient-level splits, LungCT series overlap)."""
+
+import random
+
+import pytest
+
+from mdkd_det.data.datasets.coco import load_coco_json
+from mdkd_det.data.datasets.lung_pet_ct_dx import load_lung_pet_ct_dx
+from mdkd_det.data.datasets.splits import (
+    drop_shared_series,
+    group_key,
+    lungct_series_id,
+    lungct_series_overlap,
+    series_overlap_report,
+    split_by_patient,
+    split_counts,
+)
+from mdkd_det.utils.errors import DatasetError
+
+
+def _recs(n_patients, per_patient=3):
+    return [
+        {"image_id": f"p{p}_{i}", "patient_id": f"P{p:03d}", "file_name": f"p{p}_{i}.png"}
+        for p in range(n_patients) for i in range(per_patient)
+    ]
+
+
+def _patients(recs):
+    return {r["patient_id"] for r in recs}
+
+
+def test_split_counts_hand_cases():
+    assert split_counts(100, (0.72, 0.08, 0.20)) == [72, 8, 20]
+    assert split_counts(12, (0.72, 0.08, 0.20)) == [9, 1, 2]  # 8.64, 0.96, 2.4
+    assert split_counts(2, (0.72, 0.08, 0.20)) == [1, 0, 1]  # train and test get one each
+    assert split_counts(1, (0.72, 0.08, 0.20)) == [1, 0, 0]
+    assert split_counts(0, (0.72, 0.08, 0.20)) == [0, 0, 0]
+    assert split_counts(10, (1.0, 0.0, 0.0)) == [10, 0, 0]
+
+
+@pytest.mark.parametrize("fr", [(0.5, 0.5), (0.5, 0.4, 0.2), (1.2, -0.1, -0.1)])
+def test_bad_fractions(fr):
+    with pytest.raises(DatasetError, match="fractions"):
+        split_counts(10, fr)
+
+
+def test_split_disjoint_complete_deterministic():
+    recs = _recs(100)
+    s = split_by_patient(recs, seed=0)
+    sets = [_patients(s[k]) for k in ("train", "val", "test")]
+    assert [len(x) for x in sets] == [72, 8, 20]
+    assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert sum(len(v) for v in s.values()) == len(recs)
+    # same seed -> same split, independent of record order; other seed -> different split
+    shuffled = list(recs)
+    random.Random(5).shuffle(shuffled)
+    s2 = split_by_patient(shuffled, seed=0)
+    assert _patients(s2["test"]) == sets[2] and _patients(s2["val"]) == sets[1]
+    assert _patients(split_by_patient(recs, seed=1)["test"]) != sets[2]
+    # records keep their input order inside a split
+    assert s["train"] == [r for r in recs if r["patient_id"] in sets[0]]
+
+
+def test_group_key_fallbacks():
+    assert group_key({"patient_id": "A", "series_id": "S"}) == ("patient", "A")
+    assert group_key({"patient_id": "", "series_id": "S", "image_id": 3}) == ("series", "S")
+    assert group_key({"image_id": 3}) == ("image", "3")
+    recs = [{"image_id": i, "series_id": f"s{i // 3}"} for i in range(30)]  # 10 series x 3
+    s = split_by_patient(recs, seed=0)
+    for k in s:
+        for other in s:
+            if other != k:
+                assert not ({r["series_id"] for r in s[k]} & {r["series_id"] for r in s[other]})
+    imgs = [{"image_id": i} for i in range(50)]
+    assert [len(v) for v in split_by_patient(imgs).values()] == [36, 4, 10]
+
+
+def test_lung_pet_ct_dx_patient_split(data_root):
+    root = data_root / "lung_pet_ct_dx_sample"
+    recs = load_lung_pet_ct_dx(str(root))
+    s = split_by_patient(recs, seed=0)
+    assert len(s["train"]) + len(s["val"]) + len(s["test"]) == 38
+    assert len(_patients(s["train"])) == 1 and len(_patients(s["test"])) == 1 and s["val"] == []
+    assert not (_patients(s["train"]) & _patients(s["test"]))
+
+
+def test_lungct_series_overlap(data_root):
+    d = data_root / "lungct_roboflow"
+    tr = load_coco_json(str(d / "train" / "_annotations.coco.json"), str(d / "train"))
+    va = load_coco_json(str(d / "valid" / "_annotations.coco.json"), str(d / "valid"))
+    sid = lungct_series_id(va[0]["file_name"])
+    assert sid.startswith("1-3-6-1-4-1-14519-5-2-1-6279-6001-") and "_" not in sid
+    shared = lungct_series_overlap(tr, va)
+    assert len(shared) == 58
+    rep = series_overlap_report(tr, va)
+    assert rep == {
+        "train_images": 2417, "valid_images": 117, "train_series": 470, "valid_series": 102,
+        "shared_series": 58, "train_images_in_shared": 405, "valid_images_in_shared": 71,
+    }
+    clean = drop_shared_series(va, tr)
+    assert len(clean) == 117 - 71
+    assert lungct_series_overlap(tr, clean) == set()
+    # split_by_patient keeps augmented copies (same series_id) together
+    for r in tr:
+        r["series_id"] = lungct_series_id(r["file_name"])
+    s = split_by_patient(tr, seed=0)
+    assert lungct_series_overlap(s["train"], s["test"]) == set()

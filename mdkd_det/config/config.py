@@ -15,7 +15,7 @@ from fvcore.common.config import CfgNode as _FvCfgNode
 
 from ..utils.errors import ConfigError
 
-_KEY_RE = re.compile(r"Non-existent config key: ([\w.]+)")
+_KEY_RE = re.compile(r"Non-existent (?:config )?key: ([\w.]+)")
 
 
 def _base_chain(path: str) -> List[str]:

@@ -121,6 +121,9 @@ def build_detection_train_loader(
         collate_fn=trivial_batch_collator,
         persistent_workers=False,
         prefetch_factor=4 if workers > 0 else None,
+        # DataLoader.__iter__ draws a base seed; a private generator keeps that draw out of the
+        # global RNG, so a resumed run (which restores the global RNG) stays bit-exact.
+        generator=torch.Generator().manual_seed(seed),
     )
 
 

@@ -12,6 +12,9 @@ own: resuming at iteration ``k`` means building every underlying loader at ``sta
 (each underlying stream is a function of (seed, iteration) only, see
 :mod:`mdkd_det.engine.trainer`), which the ``build_*`` helpers below do.
 
+Resume-exactness: every underlying torch ``DataLoader`` has its own seeded ``generator``
+(``build_detection_train_loader``), so ``iter()`` does not draw from the global torch RNG.
+
 Per-dataset seeds: dataset ``i`` of a combined loader uses ``SEED + 100003 * i``
 (:func:`stream_seed`); index 0 is the target, so the target stream of a paired / multi-dataset
 run equals that of a plain target-only run with the same batch size.
@@ -171,10 +174,11 @@ def build_paired_train_loader(cfg, source_names: Sequence[str], target_names: Op
     target_names = _names(cfg.DATASETS.TRAIN if target_names is None else target_names, "DATASETS.TRAIN")
     b1 = _per_process(cfg.ADVERSARIAL.SOURCE_IMS_PER_BATCH, "ADVERSARIAL.SOURCE_IMS_PER_BATCH")
     b2 = _per_process(cfg.ADVERSARIAL.TARGET_IMS_PER_BATCH, "ADVERSARIAL.TARGET_IMS_PER_BATCH")
+    seed_t, seed_s = stream_seed(cfg.SEED, 0), stream_seed(cfg.SEED, 1)
     target = build_detection_train_loader(cfg, target_names, start_iter=start_iter, mapper=mapper,
-                                          batch_size=b2, seed=stream_seed(cfg.SEED, 0))
+                                          batch_size=b2, seed=seed_t)
     source = build_detection_train_loader(cfg, source_names, start_iter=start_iter, mapper=mapper,
-                                          batch_size=b1, seed=stream_seed(cfg.SEED, 1))
+                                          batch_size=b1, seed=seed_s)
     return PairedLoader(source, target)
 
 

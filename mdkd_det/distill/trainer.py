@@ -19,7 +19,8 @@ from torch import nn
 
 from ..config import CfgNode, get_cfg
 from ..engine.checkpointer import Checkpointer, export_model
-from ..engine.defaults import DefaultTrainer, build_model
+from ..engine import comm
+from ..engine.defaults import DefaultTrainer, build_model, seed_all_rng
 from ..engine.trainer import SimpleTrainer
 from ..solver import build_optimizer
 from ..utils.errors import ConfigError
@@ -134,6 +135,7 @@ class KDTrainer(DefaultTrainer):
 
     def __init__(self, cfg: CfgNode, model: Optional[nn.Module] = None,
                  teacher: Optional[nn.Module] = None) -> None:
+        seed_all_rng(int(cfg.SEED) + comm.get_rank())
         student = model if model is not None else build_model(cfg)
         self.teacher = teacher if teacher is not None else build_teacher(cfg)
         self.distiller = build_distiller(cfg, student, self.teacher)

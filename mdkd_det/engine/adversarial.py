@@ -52,7 +52,8 @@ from ..modeling.domain_adversarial import (
 from ..solver import build_optimizer
 from ..utils.errors import ConfigError, DatasetError
 from .checkpointer import unwrap_model
-from .defaults import DefaultTrainer, check_num_classes
+from . import comm
+from .defaults import DefaultTrainer, check_num_classes, seed_all_rng
 from .events import get_event_storage
 from .launch import create_ddp_model
 from .trainer import SimpleTrainer, _to_device
@@ -339,6 +340,7 @@ class DomainAdversarialTrainer(DefaultTrainer):
         overlap = sorted(set(sources) & {str(t) for t in cfg.DATASETS.TRAIN})
         if overlap:
             raise ConfigError(f"ADVERSARIAL.SOURCE and DATASETS.TRAIN (the target) share {overlap}")
+        seed_all_rng(int(cfg.SEED) + comm.get_rank())
         model = model if model is not None else self.build_model(cfg)
         self.da_head = da_head if da_head is not None else build_domain_adversarial_head(cfg, model)
         super().__init__(cfg, model)

@@ -24,7 +24,7 @@ import torch
 from ..config import CfgNode, get_cfg
 from ..data.build import build_detection_test_loader, build_detection_train_loader, get_dataset_records
 from ..data.catalog import MetadataCatalog
-from ..data.io import read_image
+from ..data.mapper import DatasetMapper
 from ..evaluation import COCOEvaluator, inference_on_dataset, print_metrics_table
 from ..evaluation.visualize import save_visualizations
 from ..modeling.meta_arch.faster_rcnn import set_test_size
@@ -128,15 +128,19 @@ def default_setup(cfg: CfgNode, args=None) -> None:
             fh._mdkd = True
             root.addHandler(fh)
     root.setLevel(level)
-    seed = int(cfg.SEED) + rank
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
+    seed_all_rng(int(cfg.SEED) + rank)
     if rank == 0:
         with open(os.path.join(cfg.OUTPUT_DIR, "config.yaml"), "w") as f:
             f.write(cfg.dump())
         if args is not None:
             logger.info("command line: %s", " ".join(sys.argv))
+
+
+def seed_all_rng(seed: int) -> None:
+    """Seed python ``random``, numpy and torch (CPU and CUDA) with ``seed``."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def build_model(cfg: CfgNode, backbone=None) -> torch.nn.Module:
@@ -186,29 +190,16 @@ def do_test(cfg: CfgNode, model: torch.nn.Module, output_dir: Optional[str] = No
             res = inference_on_dataset(model, loader, evaluator)
         finally:
             set_test_size(inner, cfg, train=True)
-        if comm.is_main_process() and cfg.TEST.VIS_NUM > 0 and getattr(evaluator, "predictions", None):
-            _visualize(cfg, inner, records, out)
+        if comm.is_main_process() and cfg.TEST.VIS_NUM > 0:
+            chosen = [r for r in records if r.get("annotations") and r["image_id"] in evaluator.predictions]
+            chosen = chosen[: int(cfg.TEST.VIS_NUM)]
+            save_visualizations(chosen, [evaluator.predictions[r["image_id"]] for r in chosen],
+                                DatasetMapper(cfg, is_train=False).read, os.path.join(out, "vis"),
+                                num=len(chosen), score_thresh=float(cfg.TEST.VIS_SCORE_THRESH))
         results[name] = res
         if comm.is_main_process():
             logger.info("Evaluation on %s:\n%s", name, print_metrics_table(res))
     return results
-
-
-def _visualize(cfg, model, records, out_dir) -> List[str]:
-    """Draw the first ``TEST.VIS_NUM`` records with boxes: predictions (red) vs GT (green)."""
-    from ..data.mapper import DatasetMapper
-
-    mapper = DatasetMapper(cfg, is_train=False)
-    chosen = [r for r in records if r.get("annotations")][: int(cfg.TEST.VIS_NUM)]
-    was = model.training
-    model.eval()
-    set_test_size(model, cfg, train=False)
-    with torch.inference_mode():
-        outputs = [model([mapper(r)["image"]])[0] for r in chosen]
-    set_test_size(model, cfg, train=True)
-    model.train(was)
-    return save_visualizations(chosen, outputs, mapper.read, os.path.join(out_dir, "vis"),
-                               num=len(chosen), score_thresh=float(cfg.TEST.VIS_SCORE_THRESH))
 
 
 class DefaultTrainer:
@@ -216,6 +207,9 @@ class DefaultTrainer:
 
     Subclass and override ``trainer_class`` (a :class:`SimpleTrainer` subclass, e.g. with a KD
     mixin), :meth:`build_model`, :meth:`build_optimizer` or :meth:`build_train_loader`.
+
+    Construction seeds every RNG with ``SEED`` (+ rank) first, so two trainers built from one
+    config start from identical weights.
 
     Resume contract: :meth:`resume_or_load` restores model/optimizer/scheduler/iteration/RNG and
     the train loader is built *after* it, at ``start_iter``, so the sample stream and seeded
@@ -226,6 +220,8 @@ class DefaultTrainer:
 
     def __init__(self, cfg: CfgNode, model: Optional[torch.nn.Module] = None) -> None:
         self.cfg = cfg
+        # Same cfg -> same initial weights and sample stream, whatever ran before in this process.
+        seed_all_rng(int(cfg.SEED) + comm.get_rank())
         self.model = model if model is not None else self.build_model(cfg)
         self.optimizer = self.build_optimizer(cfg, self.model)
         self.scheduler = build_lr_scheduler(cfg, self.optimizer)

@@ -15,7 +15,6 @@ checkpoint.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from typing import Any, Dict, List, Optional, Sequence
 
@@ -27,12 +26,11 @@ from ..data.multi import build_round_robin_train_loader
 from ..modeling.meta_arch.multi_head import MultiHeadFasterRCNN
 from ..utils.errors import ConfigError, DatasetError
 from .checkpointer import export_model, unwrap_model
-from .defaults import DefaultTrainer, check_num_classes, do_test
+from . import comm
+from .defaults import DefaultTrainer, check_num_classes, do_test, seed_all_rng
 from .trainer import SimpleTrainer, _to_device
 
 __all__ = ["MultiDatasetMixin", "MultiHeadSimpleTrainer", "MultiHeadTrainer"]
-
-logger = logging.getLogger(__name__)
 
 
 class MultiDatasetMixin:
@@ -98,6 +96,7 @@ class MultiHeadTrainer(DefaultTrainer):
                  model: Optional[nn.Module] = None) -> None:
         names = [str(n) for n in (cfg.DATASETS.TRAIN if dataset_names is None else dataset_names)]
         if model is None:
+            seed_all_rng(int(cfg.SEED) + comm.get_rank())
             model = self.build_multi_head_model(cfg, names)
         inner = unwrap_model(model)
         if not isinstance(inner, MultiHeadFasterRCNN) or list(inner.dataset_names) != names:

@@ -286,6 +286,12 @@ class COCOEvaluator:
         """Forget all processed predictions."""
         self._predictions = {}
 
+    @property
+    def predictions(self) -> Dict[Any, Dict[str, np.ndarray]]:
+        """This process's predictions so far: ``{image_id: {"boxes" [N, 4] xyxy px, "scores"
+        [N], "labels" [N] contiguous ids}}``."""
+        return self._predictions
+
     def process(self, inputs: List[dict], outputs: List[dict]) -> None:
         """Store the detections of one batch.
 

@@ -36,7 +36,7 @@ def test_base_inheritance_and_overrides(tmp_path):
 
 
 def test_unknown_key_names_key_and_file(tmp_path):
-    base = _write(tmp_path / "base.yaml", "SOLVER:\n  BASE_LRR: 0.01\n")
+    _write(tmp_path / "base.yaml", "SOLVER:\n  BASE_LRR: 0.01\n")
     child = _write(tmp_path / "child.yaml", '_BASE_: "base.yaml"\nSOLVER:\n  MAX_ITER: 9\n')
     with pytest.raises(ConfigError) as e:
         get_cfg().merge_from_file(child)

@@ -1,7 +1,6 @@
 """End to end through tools/train_net.py's entry point on real LungCT data (tiny sizes)."""
 
 import json
-import os
 
 import pytest
 import torch
@@ -134,3 +133,14 @@ def test_missing_image_fails_before_training(tmp_path, data_root, capsys):
     assert rc == 2
     assert "no_such_slice.jpg" in capsys.readouterr().err
     assert not (tmp_path / "r" / "model_final.pth").exists()
+
+
+@pytest.mark.timeout(300)
+def test_two_process_gloo_training_via_cli(tmp_path, data_root):
+    """--num-gpus 2 on a CPU machine: 2 gloo processes train the real detector; rank 0 writes."""
+    out = tmp_path / "ddp"
+    cfg = tiny_cfg(out, max_iter=2, **{"DATASETS.TEST": "()"})
+    assert main(["--config-file", _cfg_file(tmp_path, cfg), "--num-gpus", "2"]) == 0
+    ckpt = torch.load(out / "model_final.pth", weights_only=True)
+    assert ckpt["iteration"] == 1 and "model" in ckpt
+    assert (out / "metrics.json").is_file()

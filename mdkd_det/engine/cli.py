@@ -12,7 +12,6 @@ import logging
 import sys
 
 from ..utils.errors import MdkdError
-from . import comm
 from .checkpointer import Checkpointer
 from .defaults import DefaultTrainer, build_model, default_argument_parser, default_setup, do_test, setup_cfg
 from .launch import launch

@@ -10,13 +10,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import random
 import re
 import sys
-from typing import Dict, List, Optional
+from typing import Dict, Optional
 
 import numpy as np
 import torch

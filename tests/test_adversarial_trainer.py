@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-from mdkd_det.config import get_cfg
 from mdkd_det.data.multi import build_paired_train_loader
 from mdkd_det.distill.schedules import AdversarialLambda
 from mdkd_det.engine.adversarial import (DATrainer, DomainAdversarialTrainer,
@@ -17,37 +16,20 @@ from mdkd_det.modeling.domain_adversarial import DomainAdversarialHead, MultiLev
 from mdkd_det.solver import build_optimizer
 from mdkd_det.utils.errors import ConfigError
 
+from _tiny import tiny_cfg
+
 DET_KEYS = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
 
 
 def _cfg(data_root, out_dir, max_iter=2):
-    cfg = get_cfg()
-    cfg.DATASETS.ROOT = str(data_root)
-    cfg.DATASETS.TRAIN = ("lungct_train",)
-    cfg.DATASETS.TEST = ()
-    cfg.DATASETS.TRAIN_LIMIT = 8
-    cfg.ADVERSARIAL.SOURCE = ("lung_pet_ct_dx_train",)
-    cfg.ADVERSARIAL.SOURCE_IMS_PER_BATCH = 2
-    cfg.ADVERSARIAL.TARGET_IMS_PER_BATCH = 2
-    cfg.DATALOADER.NUM_WORKERS = 0
-    for k in ("MIN_SIZE_TRAIN", "MAX_SIZE_TRAIN", "MIN_SIZE_TEST", "MAX_SIZE_TEST"):
-        setattr(cfg.INPUT, k, 128)
-    cfg.MODEL.FPN.OUT_CHANNELS = 64
-    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 16
-    cfg.MODEL.ROI_HEADS.MLP_HEAD_DIM = 64
-    cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 32
-    cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 64
-    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 32
-    cfg.SOLVER.MAX_ITER = max_iter
-    cfg.SOLVER.WARMUP_ITERS = 1
-    cfg.SOLVER.BASE_LR = 1e-3
-    cfg.SOLVER.WEIGHT_DECAY = 0.0  # parameters only move through gradients
-    cfg.SOLVER.CHECKPOINT_PERIOD = 1
-    cfg.TEST.EVAL_PERIOD = 0
-    cfg.TEST.VIS_NUM = 0
-    cfg.LOG_PERIOD = 1
-    cfg.OUTPUT_DIR = str(out_dir)
-    return cfg
+    return tiny_cfg(out_dir, max_iter=max_iter, **{
+        "DATASETS.ROOT": str(data_root), "DATASETS.TEST": "()", "DATASETS.TRAIN_LIMIT": 8,
+        "ADVERSARIAL.SOURCE": "('lung_pet_ct_dx_train',)",
+        "ADVERSARIAL.SOURCE_IMS_PER_BATCH": 2, "ADVERSARIAL.TARGET_IMS_PER_BATCH": 2,
+        "MODEL.FPN.OUT_CHANNELS": 64, "SOLVER.BASE_LR": 1e-3,
+        "SOLVER.WEIGHT_DECAY": 0.0,  # parameters only move through gradients
+        "SOLVER.CHECKPOINT_PERIOD": 1, "TEST.VIS_NUM": 0,
+    })
 
 
 @pytest.fixture(scope="module")

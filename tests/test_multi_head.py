@@ -7,7 +7,6 @@ import os
 import pytest
 import torch
 
-from mdkd_det.config import get_cfg
 from mdkd_det.data.multi import build_round_robin_train_loader
 from mdkd_det.engine.checkpointer import Checkpointer
 from mdkd_det.engine.defaults import build_model
@@ -16,39 +15,20 @@ from mdkd_det.modeling.meta_arch.multi_head import MultiHeadFasterRCNN, head_key
 from mdkd_det.solver import build_optimizer
 from mdkd_det.utils.errors import ConfigError
 
+from _tiny import tiny_cfg
+
 TARGET, SOURCE = "lungct_train", "lung_pet_ct_dx_train"
 NAMES = [TARGET, SOURCE]
 DET_KEYS = {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
 
 
 def _cfg(data_root=None, out_dir="./output"):
-    cfg = get_cfg()
+    over = {"DATASETS.TRAIN": str(tuple(NAMES)), "DATASETS.TEST": "()", "DATASETS.TRAIN_LIMIT": 8,
+            "MODEL.FPN.OUT_CHANNELS": 64, "SOLVER.BASE_LR": 1e-3, "SOLVER.CHECKPOINT_PERIOD": 0,
+            "TEST.VIS_NUM": 0}
     if data_root is not None:
-        cfg.DATASETS.ROOT = str(data_root)
-    cfg.DATASETS.TRAIN = tuple(NAMES)
-    cfg.DATASETS.TEST = ()
-    cfg.DATASETS.TRAIN_LIMIT = 8
-    cfg.DATALOADER.NUM_WORKERS = 0
-    for k in ("MIN_SIZE_TRAIN", "MAX_SIZE_TRAIN", "MIN_SIZE_TEST", "MAX_SIZE_TEST"):
-        setattr(cfg.INPUT, k, 128)
-    cfg.MODEL.FPN.OUT_CHANNELS = 64
-    cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE = 16
-    cfg.MODEL.ROI_HEADS.MLP_HEAD_DIM = 64
-    cfg.MODEL.RPN.BATCH_SIZE_PER_IMAGE = 32
-    cfg.MODEL.RPN.PRE_NMS_TOPK_TRAIN = 64
-    cfg.MODEL.RPN.POST_NMS_TOPK_TRAIN = 32
-    cfg.MODEL.RPN.PRE_NMS_TOPK_TEST = 64
-    cfg.MODEL.RPN.POST_NMS_TOPK_TEST = 32
-    cfg.SOLVER.IMS_PER_BATCH = 2
-    cfg.SOLVER.MAX_ITER = 2
-    cfg.SOLVER.WARMUP_ITERS = 1
-    cfg.SOLVER.BASE_LR = 1e-3
-    cfg.SOLVER.CHECKPOINT_PERIOD = 0
-    cfg.TEST.EVAL_PERIOD = 0
-    cfg.TEST.VIS_NUM = 0
-    cfg.LOG_PERIOD = 1
-    cfg.OUTPUT_DIR = str(out_dir)
-    return cfg
+        over["DATASETS.ROOT"] = str(data_root)
+    return tiny_cfg(out_dir, max_iter=2, **over)
 
 
 @pytest.fixture(scope="module")

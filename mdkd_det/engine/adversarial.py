@@ -56,7 +56,7 @@ from . import comm
 from .defaults import DefaultTrainer, check_num_classes, seed_all_rng
 from .events import get_event_storage
 from .launch import create_ddp_model
-from .trainer import SimpleTrainer, _to_device
+from .trainer import SimpleTrainer
 
 __all__ = [
     "DomainAdversarialMixin",
@@ -246,8 +246,7 @@ class DomainAdversarialMixin:
         if not isinstance(batch, (list, tuple)) or not batch:
             raise DatasetError(f"domain-adversarial step: the {domain} batch must be a non-empty list of "
                                f"mapper dicts, got {type(batch).__name__}")
-        images = [_to_device(d["image"], self.device) for d in batch]
-        targets = [_to_device(d["target"], self.device) for d in batch]
+        images, targets = self.detector_inputs(batch)
         return images, targets
 
     # ---- the step --------------------------------------------------------------------------

@@ -129,6 +129,11 @@ def _distributed_worker(local_rank: int, main_func, world_size: int, num_per_mac
     except Exception:
         logger.error("Process group initialisation at %s failed (rank %d)", dist_url, global_rank)
         raise
+    _run_in_group(main_func, args)
+
+
+def _run_in_group(main_func, args: Sequence[Any]) -> None:
+    """Barrier, run ``main_func(*args)``, always tear the process group down."""
     try:
         comm.synchronize()
         main_func(*args)
@@ -148,12 +153,7 @@ def _run_from_env(main_func, args: Sequence[Any], timeout: datetime.timedelta) -
     if torch.cuda.is_available():
         torch.cuda.set_device(local_rank)
     dist.init_process_group(backend=_backend(), init_method="env://", timeout=timeout)
-    try:
-        comm.synchronize()
-        main_func(*args)
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    _run_in_group(main_func, args)
 
 
 def create_ddp_model(model: torch.nn.Module, **kwargs: Any) -> torch.nn.Module:

@@ -28,7 +28,7 @@ from ..utils.errors import ConfigError, DatasetError
 from .checkpointer import export_model, unwrap_model
 from . import comm
 from .defaults import DefaultTrainer, check_num_classes, do_test, seed_all_rng
-from .trainer import SimpleTrainer, _to_device
+from .trainer import SimpleTrainer
 
 __all__ = ["MultiDatasetMixin", "MultiHeadSimpleTrainer", "MultiHeadTrainer"]
 
@@ -58,8 +58,7 @@ class MultiDatasetMixin:
             if not isinstance(b, (list, tuple)) or not b:
                 raise DatasetError(f"multi-dataset step: the batch of '{name}' must be a non-empty list "
                                    f"of mapper dicts, got {type(b).__name__}")
-            images = [_to_device(d["image"], self.device) for d in b]
-            targets = [_to_device(d["target"], self.device) for d in b]
+            images, targets = self.detector_inputs(b)
             for k, v in self.model(images, targets, dataset=name).items():
                 out[f"{k}/{name}"] = weight * v
         return out

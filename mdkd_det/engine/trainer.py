@@ -40,6 +40,8 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import torch
 
+from ..utils.device import model_device, to_device
+
 from ..utils.errors import ConfigError, DatasetError
 from . import comm
 from .events import EventStorage
@@ -173,24 +175,6 @@ class TrainerBase:
                 logger.warning("No registered hook '%s' to restore its state", k)
 
 
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
-
-
-def _to_device(obj: Any, device: torch.device) -> Any:
-    if isinstance(obj, torch.Tensor):
-        return obj.to(device, non_blocking=True)
-    if isinstance(obj, Mapping):
-        return {k: _to_device(v, device) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_to_device(v, device) for v in obj)
-    return obj
-
-
 class SimpleTrainer(TrainerBase):
     """One optimizer step per iteration on a model that returns a loss dict.
 
@@ -232,7 +216,7 @@ class SimpleTrainer(TrainerBase):
         self.optimizer = optimizer
         self.grad_clip = float(grad_clip) if grad_clip else None
         self.amp = bool(amp)
-        self.device = _model_device(model)
+        self.device = model_device(model)
         self.grad_scaler = None
         if self.amp:
             if self.device.type == "cuda":
@@ -250,9 +234,13 @@ class SimpleTrainer(TrainerBase):
         Default: ``self.model([d["image"] ...], [d["target"] ...])`` with tensors moved to the
         model's device. Runs under autocast when ``amp``.
         """
-        images = [_to_device(d["image"], self.device) for d in batch]
-        targets = [_to_device(d["target"], self.device) for d in batch]
+        images, targets = self.detector_inputs(batch)
         return self.model(images, targets)
+
+    def detector_inputs(self, batch: List[Dict[str, Any]]):
+        """``(images, targets)`` of a mapped batch, on the model's device (torchvision API)."""
+        return ([to_device(d["image"], self.device) for d in batch],
+                [to_device(d["target"], self.device) for d in batch])
 
     # ---- loop ----------------------------------------------------------------------------
     def _autocast(self):

@@ -13,6 +13,8 @@ from typing import Any, Dict, Iterable, List, Mapping
 
 import torch
 
+from ..utils.device import model_device
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["inference_on_dataset", "print_metrics_table"]
@@ -22,14 +24,6 @@ def _rank() -> int:
     import torch.distributed as dist
 
     return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
-
-
-def _model_device(model: torch.nn.Module) -> torch.device:
-    for p in model.parameters():
-        return p.device
-    for b in model.buffers():
-        return b.device
-    return torch.device("cpu")
 
 
 def inference_on_dataset(model: torch.nn.Module, data_loader: Iterable[List[dict]], evaluator: Any) -> Dict:
@@ -61,7 +55,7 @@ def inference_on_dataset(model: torch.nn.Module, data_loader: Iterable[List[dict
     from tqdm import tqdm
 
     disable = _rank() != 0 or not sys.stderr.isatty()
-    device = _model_device(model)
+    device = model_device(model)
     was_training = model.training
     evaluator.reset()
     n_images, model_time = 0, 0.0

@@ -119,6 +119,7 @@ class PipelineRunner:
             c.SOLVER.MAX_ITER = self._iters("SOURCE_TEACHER")
             c.ADVERSARIAL.ENABLED = True
             c.ADVERSARIAL.SOURCE = (source,)
+            c.DATASETS.TEST = ()  # not a table row: skip its evaluation
         elif stage == "joint_teacher":
             c.SOLVER.MAX_ITER = self._iters("JOINT_TEACHER")
             if c.PIPELINE.JOINT_TEACHER_BASE_LR > 0:
@@ -178,8 +179,9 @@ class PipelineRunner:
         if after_train is not None:
             after_train(trainer)
         metrics = results.get("bbox") if results else None
-        if not metrics:  # no eval hook ran (e.g. resumed at the end): evaluate now
+        if not metrics and cfg.DATASETS.TEST:  # no eval hook ran (resumed at the end): evaluate
             metrics = trainer.test()[self.eval_dataset]["bbox"]
+        metrics = metrics or {}
         wall = time.perf_counter() - t0
         res = {"AP": metrics.get("AP"), "AP50": metrics.get("AP50"),
                "checkpoint": os.path.abspath(os.path.join(out, checkpoint)), "wall_time_s": wall}
@@ -204,6 +206,8 @@ class PipelineRunner:
                     scfg = self.stage_cfg("source_teacher", src)
                     if stage in self.stages:
                         self.wall[key] = self._run_one(key, scfg, DomainAdversarialTrainer)["wall_time_s"]
+                    else:
+                        self._collect(key, scfg)
                 continue
             scfg = self.stage_cfg(stage)
             if stage not in self.stages:
@@ -238,6 +242,8 @@ class PipelineRunner:
             self.wall.setdefault(stage, res.get("wall_time_s", float("nan")))
             if stage in ROW_OF_STAGE:
                 self.rows.setdefault(ROW_OF_STAGE[stage], res)
+            if stage == "target_teacher" and self.cfg.PIPELINE.REUSE_TARGET_TEACHER_AS_BASELINE:
+                self.rows.setdefault("dataset_specific", dict(res, reused_from="target_teacher"))
 
     def _check_reuse(self) -> None:
         c = self.cfg
@@ -256,7 +262,8 @@ class PipelineRunner:
             "target": "+".join(self.target),
             "eval_dataset": self.eval_dataset,
             "rows": {k: {"AP": _num(v.get("AP")), "AP50": _num(v.get("AP50")),
-                         "checkpoint": v.get("checkpoint")}
+                         "checkpoint": v.get("checkpoint"),
+                         **({"reused_from": v["reused_from"]} if v.get("reused_from") else {})}
                      for k, v in self.rows.items()},
             "wall_time_s": {k: round(float(v), 1) for k, v in self.wall.items()},
         }
@@ -280,7 +287,8 @@ class PipelineRunner:
             row = results["rows"].get(key)
             ap = "n/a" if row is None or row["AP"] is None else f"{row['AP']:.2f}"
             ap50 = "n/a" if row is None or row["AP50"] is None else f"{row['AP50']:.2f}"
-            line = f"| {ROW_TITLES[key]} | {ap} | {ap50} |"
+            title = ROW_TITLES[key] + (" (= target teacher, A24)" if row and row.get("reused_from") else "")
+            line = f"| {title} | {ap} | {ap50} |"
             if paper:
                 p = paper[key]
                 line += f" {p[0]:.2f} / {p[1]:.2f} |"

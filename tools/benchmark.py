@@ -263,10 +263,26 @@ GROUPS = {"dataset_specific": group_dataset_specific, "kd": group_kd,
           "joint_teacher": group_joint_teacher, "eval": group_eval}
 
 
+def _child(name: str, args: dict, queue) -> None:
+    try:
+        queue.put(("ok", GROUPS[name](args)))
+    except BaseException as e:  # report, then let the parent raise
+        import traceback
+
+        queue.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()}"))
+
+
 def _run_group(name: str, args: dict) -> dict:
+    """Run one group in a fresh (non-daemonic, so it may start loader workers) process."""
     ctx = mp.get_context("spawn")
-    with ctx.Pool(1) as pool:
-        return pool.apply(GROUPS[name], (args,))
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(name, args, queue))
+    proc.start()
+    status, value = queue.get()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"benchmark group '{name}' failed: {value}")
+    return value
 
 
 def main(argv=None) -> int:

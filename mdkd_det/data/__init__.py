@@ -1,0 +1,8 @@
+"""Data: catalog, readers, datasets, augmentation, mapper, samplers and loaders."""
+
+from .build import build_detection_test_loader, build_detection_train_loader, get_dataset_records
+from .catalog import DatasetCatalog, MetadataCatalog
+from .mapper import DatasetMapper
+
+__all__ = ["DatasetCatalog", "MetadataCatalog", "DatasetMapper", "build_detection_train_loader",
+           "build_detection_test_loader", "get_dataset_records"]

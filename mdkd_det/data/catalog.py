@@ -64,9 +64,11 @@ class _DatasetCatalog:
         return self._funcs[name]()
 
     def list(self) -> List[str]:
+        """Registered names, sorted."""
         return sorted(self._funcs)
 
     def remove(self, name: str) -> None:
+        """Unregister ``name`` and its metadata (no error if absent)."""
         self._funcs.pop(name, None)
         MetadataCatalog.remove(name)
 

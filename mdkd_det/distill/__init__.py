@@ -1,0 +1,1 @@
+"""Stage-3 distillation: taps (capture), pure losses, schedules, adapters, distiller, mixin."""

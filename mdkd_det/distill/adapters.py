@@ -66,9 +66,12 @@ class TorchvisionFasterRCNNAdapter:
     cls_kind = "softmax"
 
     def student_taps(self) -> Dict[str, object]:
+        """Tap specs for :class:`TapRecorder` (preset ``"torchvision_faster_rcnn"``)."""
         return register_detector_taps("torchvision_faster_rcnn")
 
     def student_inputs(self, rec) -> KDInputs:
+        """Student :class:`KDInputs` from the records of its own training forward: FPN maps
+        [B, C, H/s, W/s], RoI embeddings [sum M_i, D] and logits [sum M_i, K+1]."""
         logits = rec.get("box_predictor")
         return KDInputs(
             features=rec["features"],
@@ -77,6 +80,8 @@ class TorchvisionFasterRCNNAdapter:
         )
 
     def teacher_inputs(self, teacher: nn.Module, rec) -> KDInputs:
+        """Teacher :class:`KDInputs` on the student's transformed batch and sampled proposals,
+        under ``torch.no_grad`` (rows aligned with :meth:`student_inputs`)."""
         teacher = _unwrap(teacher)
         image_list = rec["images"][0]
         with torch.no_grad():

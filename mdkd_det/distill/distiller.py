@@ -97,6 +97,7 @@ class Distiller(nn.Module):
 
     @property
     def teacher(self) -> nn.Module:
+        """The frozen teacher (not a submodule: absent from state_dict and parameters)."""
         return self._teacher[0]
 
     def active(self, epoch: float) -> bool:
@@ -104,6 +105,8 @@ class Distiller(nn.Module):
         return self.cf(epoch) > 0 and any(w > 0 for w in self.weights.values())
 
     def forward(self, s: KDInputs, t: KDInputs, epoch: float) -> Dict[str, torch.Tensor]:
+        """KD terms of Eq. 24 at ``epoch`` (0-based, fractional; A7), each already multiplied by
+        its weight and cf(epoch). Region terms need ``region_*`` on both sides."""
         cf = float(self.cf(epoch))
         T = float(self.temperature_schedule(epoch)) if self.temperature_schedule else self.temperature
         w = dict(self.weights)
@@ -112,13 +115,17 @@ class Distiller(nn.Module):
         s_feats = [self.connectors[sl](s.features[sl]) for sl in self.level_pairs]
         t_feats = [t.features[tl] for tl in self.level_pairs.values()]
         out: Dict[str, torch.Tensor] = {}
+        if w["con"] or w["cos"]:
+            # Con and CosSim both start with GAP (A1, A8): pool once, pass [B, C] descriptors.
+            s_vec = [f.mean(dim=(2, 3)) for f in s_feats]
+            t_vec = [f.mean(dim=(2, 3)) for f in t_feats]
         if w["con"]:
-            out[TERM_KEYS["con"]] = L.con(s_feats, t_feats, T=T, direction=self.kl_direction,
+            out[TERM_KEYS["con"]] = L.con(s_vec, t_vec, T=T, direction=self.kl_direction,
                                           mask_diag=self.con_mask_diag)
         if w["falgn"]:
             out[TERM_KEYS["falgn"]] = L.falgn(s_feats, t_feats, reduction=self.reduction)
         if w["cos"]:
-            out[TERM_KEYS["cos"]] = L.cos_sim(s_feats, t_feats, reduction=self.reduction)
+            out[TERM_KEYS["cos"]] = L.cos_sim(s_vec, t_vec, reduction=self.reduction)
         if w["att"]:
             out[TERM_KEYS["att"]] = L.att(s_feats, t_feats)
         has_regions = s.region_logits is not None and t.region_logits is not None

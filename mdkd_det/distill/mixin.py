@@ -39,6 +39,7 @@ class KDTrainerMixin:
         return float(self.iter) / float(max(1, self.epoch_iters))
 
     def compute_losses(self, batch: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        """alpha * task losses + the distiller's KD terms (teacher skipped while cf = 0)."""
         epoch = self.epoch
         if not self.distiller.active(epoch):
             losses = super().compute_losses(batch)
@@ -55,6 +56,7 @@ class KDTrainerMixin:
         return out
 
     def after_backward(self) -> None:
+        """Hooks, then average connector gradients over ranks (connectors are outside DDP)."""
         super().after_backward()
         # Connector parameters live outside the DDP-wrapped student: average their grads.
         if torch.distributed.is_available() and torch.distributed.is_initialized():

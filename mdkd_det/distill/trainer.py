@@ -146,9 +146,11 @@ class KDTrainer(DefaultTrainer):
         return build_optimizer(cfg, list(model.parameters()) + list(self.distiller.parameters()))
 
     def checkpointables(self) -> dict:
+        """Optimizer, scheduler and the distiller's connectors (the teacher is not saved)."""
         return {**super().checkpointables(), "distiller": self.distiller}
 
     def build_trainer(self, model, data_loader) -> SimpleTrainer:
+        """``KDSimpleTrainer`` with the distiller, schedule epoch length and alpha attached."""
         trainer = super().build_trainer(model, data_loader)
         n = len(data_loader.dataset)
         trainer.distiller = self.distiller
@@ -158,6 +160,7 @@ class KDTrainer(DefaultTrainer):
         return trainer
 
     def train(self):
+        """Train, then export the student alone to ``OUTPUT_DIR/model_student.pth``."""
         results = super().train()
         export_model(self.model, os.path.join(self.cfg.OUTPUT_DIR, "model_student.pth"))
         return results

@@ -51,6 +51,7 @@ def trainer_class_for(cfg):
 
 
 def main(argv=None) -> int:
+    """Parse the CLI, launch (possibly distributed) and return the exit status (2 = bad input)."""
     args = default_argument_parser().parse_args(argv)
     try:
         launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,

@@ -236,6 +236,7 @@ class DefaultTrainer:
     # --- builders (override points) -------------------------------------------------------
     @classmethod
     def build_model(cls, cfg: CfgNode) -> torch.nn.Module:
+        """The detector to train (default :func:`build_model`)."""
         return build_model(cfg)
 
     def build_optimizer(self, cfg: CfgNode, model: torch.nn.Module):
@@ -248,15 +249,18 @@ class DefaultTrainer:
         return {"optimizer": self.optimizer, "scheduler": self.scheduler, **extra}
 
     def build_train_loader(self, start_iter: int):
+        """Infinite train loader positioned at ``start_iter`` (resume-exact)."""
         return build_detection_train_loader(self.cfg, start_iter=start_iter)
 
     def build_trainer(self, model, data_loader) -> SimpleTrainer:
+        """``trainer_class`` with clipping (``SOLVER.CLIP_GRADIENTS``) and AMP (``SOLVER.AMP``)."""
         cfg = self.cfg
         clip = float(cfg.SOLVER.CLIP_GRADIENTS.MAX_NORM) if cfg.SOLVER.CLIP_GRADIENTS.ENABLED else None
         return self.trainer_class(model, data_loader, self.optimizer, grad_clip=clip,
                                   amp=bool(cfg.SOLVER.AMP.ENABLED), grad_scaler=self.grad_scaler)
 
     def test(self, model=None) -> Dict[str, dict]:
+        """:func:`do_test` on ``model`` (default: the trained model)."""
         return do_test(self.cfg, model or self.model)
 
     # --- run ------------------------------------------------------------------------------
@@ -267,6 +271,8 @@ class DefaultTrainer:
         return self.start_iter
 
     def build_hooks(self) -> list:
+        """Timer, LR schedule, checkpoints, evaluation (best by bbox/AP) and writers
+        (metrics.json, TensorBoard, progress); the LR hook precedes the checkpointer."""
         cfg = self.cfg
         hs = [hooks.IterationTimer(), hooks.LRScheduler(self.scheduler)]
         if comm.is_main_process():

@@ -77,6 +77,11 @@ class Registry(_FvRegistry):
                 self._do_register(ep.name, obj)
 
     def get(self, name: str) -> Any:
+        """The object registered as ``name`` (plugins are loaded on the first miss).
+
+        Raises:
+            RegistryError: unknown name; the message lists the registered names.
+        """
         if name not in self._obj_map:
             self.load_plugins()
         if name not in self._obj_map:

@@ -140,6 +140,7 @@ class PipelineRunner:
         return c
 
     def stage_dir(self, stage: str, source: Optional[str] = None) -> str:
+        """``OUTPUT_DIR/<stage>`` (``source_teacher_<dataset>`` for a source teacher)."""
         name = f"source_teacher_{dataset_output_name(source)}" if stage == "source_teacher" else stage
         return os.path.join(self.root, name)
 
@@ -275,6 +276,7 @@ class PipelineRunner:
         return results
 
     def results_markdown(self, results: dict) -> str:
+        """The Table-16-style markdown of ``results`` (paper numbers beside ours when known)."""
         paper = PAPER_TABLE16.get(_paper_key(self.target[0]) or "", {})
         head = "| Model | mAP@[.5:.95] | mAP@.5 |"
         sep = "|---|---|---|"

@@ -1,0 +1,1 @@
+"""Small shared utilities: error families, data root, device helpers."""

@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..utils.env import dataset_root
-from .catalog import DatasetCatalog, MetadataCatalog
+from .catalog import DatasetCatalog
 from .datasets.builtin import register_builtin
 from .datasets.validate import check_records
 from .mapper import DatasetMapper
@@ -147,7 +147,3 @@ def build_detection_test_loader(cfg, dataset_name: str, mapper: Optional[Callabl
         collate_fn=trivial_batch_collator,
     )
 
-
-def dataset_metadata(name: str):
-    """Metadata of a loaded dataset (``MetadataCatalog.get``)."""
-    return MetadataCatalog.get(name)

@@ -8,7 +8,6 @@ position ``i * batch``) sees exactly the images *and* augmentations it would hav
 
 from __future__ import annotations
 
-import itertools
 from typing import Iterator, List, Sequence, Tuple
 
 import torch
@@ -89,9 +88,3 @@ class InferenceSampler(Sampler):
     def __len__(self) -> int:
         return len(self.indices)
 
-
-def batched(iterable, n: int):
-    """``itertools.batched`` for Python < 3.12."""
-    it = iter(iterable)
-    while chunk := list(itertools.islice(it, n)):
-        yield chunk

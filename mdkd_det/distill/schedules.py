@@ -85,8 +85,9 @@ class LinearCurriculum:
 
 
 @dataclass(frozen=True)
-class CosineCurriculum:
-    """Cosine curriculum factor for detection, paper C34 / decision A26.
+class CosineCurriculum(LinearCurriculum):
+    """Cosine curriculum factor for detection, paper C34 / decision A26 (same fields and
+    validation as :class:`LinearCurriculum`, cosine-shaped ramp).
 
     ``cf(e) = 0 if e < warmup else max_value * 0.5 * (1 - cos(pi * min(1, (e - warmup)/ramp)))``;
     ``e`` = 0-based epoch (float). warmup 5, ramp 10 -> cf(6)=0.0245, cf(10)=0.5, cf(15)=1.
@@ -94,14 +95,6 @@ class CosineCurriculum:
     Raises:
         ConfigError: negative/non-finite ``warmup``, ``ramp`` or ``max_value``.
     """
-
-    warmup: float = 5
-    ramp: float = 10
-    max_value: float = 1.0
-
-    def __post_init__(self):
-        for n in ("warmup", "ramp", "max_value"):
-            _num(type(self).__name__, n, getattr(self, n), minimum=0)
 
     def __call__(self, epoch: float) -> float:
         r = _ramp(_x("CosineCurriculum", epoch), self.warmup, self.ramp)

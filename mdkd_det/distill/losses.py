@@ -102,6 +102,15 @@ def _pair_levels(fn: str, s_feats: Feats, t_feats: Feats) -> List[Tuple[str, Ten
     return pairs
 
 
+def _check_channels(fn: str, name: str, s: Tensor, t: Tensor) -> None:
+    """Raise ValueError naming the level when student and teacher channels differ."""
+    if s.shape[1] != t.shape[1]:
+        raise ValueError(
+            f"{fn}: {name} channels differ: student {tuple(s.shape)} vs teacher "
+            f"{tuple(t.shape)}; add a student-side connector (Conv1x1 C_s->C_t, A3)"
+        )
+
+
 def _zero(*tensors: Tensor) -> Tensor:
     """A 0-dim float32 zero that depends on ``tensors`` (gradient path, zero gradient)."""
     out = None
@@ -253,11 +262,7 @@ def falgn(s_feats: Feats, t_feats: Feats, *, reduction: str = "mean") -> Tensor:
     pairs = _pair_levels("falgn", s_feats, t_feats)
     total = None
     for name, s, t in pairs:
-        if s.shape[1] != t.shape[1]:
-            raise ValueError(
-                f"falgn: {name} channels differ: student {tuple(s.shape)} vs teacher "
-                f"{tuple(t.shape)}; add a student-side connector (Conv1x1 C_s->C_t, A3)"
-            )
+        _check_channels("falgn", name, s, t)
         s = s.float()
         if s.dim() == 4:
             s = _resize_to(s, t.shape[-2:])
@@ -287,11 +292,7 @@ def cos_sim(s_feats: Feats, t_feats: Feats, *, reduction: str = "mean") -> Tenso
     pairs = _pair_levels("cos_sim", s_feats, t_feats)
     total = None
     for name, s, t in pairs:
-        if s.shape[1] != t.shape[1]:
-            raise ValueError(
-                f"cos_sim: {name} channels differ: student {tuple(s.shape)} vs teacher "
-                f"{tuple(t.shape)}; add a student-side connector (A3)"
-            )
+        _check_channels("cos_sim", name, s, t)
         zs = F.normalize(_gap(s.float()), dim=1)
         zt = F.normalize(_gap(t.detach().float()), dim=1)
         level = (1.0 - (zs * zt).sum(dim=1)).mean()

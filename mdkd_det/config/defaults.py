@@ -71,6 +71,31 @@ _C.MODEL.ROI_HEADS.DETECTIONS_PER_IMG = 100
 # Hidden size of the TwoMLPHead box head (torchvision default 1024).
 _C.MODEL.ROI_HEADS.MLP_HEAD_DIM = 1024
 
+# RF-DETR (MODEL.META_ARCHITECTURE "rfdetr"; rfdetr package, engineering_notes §4). With
+# MODEL.BACKBONE.NAME "rfdetr_dinov2" it is the plain RF-DETR (DINOv2 + projector); any other
+# registry backbone gives the "plugin head" (rfdetr decoder + heads over that backbone's maps).
+_C.MODEL.RFDETR = CN()
+# rfdetr variant whose architecture defaults are used: "nano", "small", "medium", "large".
+_C.MODEL.RFDETR.VARIANT = "nano"
+# Square input size (px) the images are resized to; 0 = the variant's (Nano 384, Small 512).
+# Must be a multiple of 32 for the DINOv2 encoder.
+_C.MODEL.RFDETR.RESOLUTION = 0
+# Object queries per group, and query groups used in training (Group DETR; eval uses 1 group).
+_C.MODEL.RFDETR.NUM_QUERIES = 300
+_C.MODEL.RFDETR.GROUP_DETR = 13
+# Decoder width (0 = the variant's, 256); backbone maps must have this many channels.
+_C.MODEL.RFDETR.HIDDEN_DIM = 0
+# Decoder layers (0 = the variant's: Nano 2, Small 3).
+_C.MODEL.RFDETR.DEC_LAYERS = 0
+# Projector levels of the DINOv2 encoder ([] = the variant's, ["P4"]); P3/P4/P5 = stride 8/16/32 px.
+_C.MODEL.RFDETR.PROJECTOR_SCALE = []
+# Plugin head: backbone maps fed to the decoder ([] = all but "pool"); strides 8/16/32 px only,
+# channels = 256 (the decoder width). E.g. ["1", "2"] = ResNet-FPN strides 8 and 16.
+_C.MODEL.RFDETR.IN_FEATURES = []
+# rfdetr checkpoint ({"model": LWDETR state dict}) loaded by name and shape ("" = none; nothing
+# is ever downloaded).
+_C.MODEL.RFDETR.PRETRAIN_WEIGHTS = ""
+
 # --------------------------------------------------------------------------------------------
 # Input
 # --------------------------------------------------------------------------------------------
@@ -230,7 +255,11 @@ _C.KD.W_ROIKD = 0.10  # rho (the ROIKD weight, not the progress; A27)
 _C.KD.TEMPERATURE = 2.0  # ClsKD and Con (§6.3)
 _C.KD.KL_DIRECTION = "t||s"  # A2
 _C.KD.CON_MASK_DIAG = False  # A1
-_C.KD.CLSKD_KIND = "softmax"  # "binary" for sigmoid heads (A10)
+# "softmax" (Faster R-CNN), "binary" (sigmoid heads, A10) or "auto" = the KD adapter's choice.
+_C.KD.CLSKD_KIND = "auto"
+# RF-DETR query pairing (A10): Hungarian match restricted to the teacher's top-K queries by
+# score (0 = the student's MODEL.RFDETR.NUM_QUERIES; must be >= it).
+_C.KD.QUERY_TOPK = 0
 _C.KD.REDUCTION = "mean"  # or "paper" (A4)
 # Curriculum factor cf: "cosine" (C34, default for detection, A26), "linear" (Table 1),
 # "constant" (cf = MAX, the paper's literal detection setting).

@@ -100,3 +100,6 @@ def build_kd_adapter(name: str):
         RegistryError: unknown name (lists the registered adapters).
     """
     return KD_ADAPTER_REGISTRY.get(name)()
+
+
+from . import rfdetr_adapter  # noqa: E402,F401  (registers "rfdetr"; imports this module)

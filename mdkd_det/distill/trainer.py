@@ -32,7 +32,7 @@ from .schedules import build_schedule
 logger = logging.getLogger(__name__)
 
 #: adapter name per ``MODEL.META_ARCHITECTURE``.
-ADAPTER_FOR_ARCH = {"faster_rcnn": "torchvision_faster_rcnn"}
+ADAPTER_FOR_ARCH = {"faster_rcnn": "torchvision_faster_rcnn", "rfdetr": "rfdetr"}
 
 
 class KDSimpleTrainer(KDTrainerMixin, SimpleTrainer):
@@ -74,6 +74,10 @@ def build_teacher(cfg: CfgNode) -> nn.Module:
 
 
 def _embedding_dim(model: nn.Module) -> Optional[int]:
+    """Region-embedding size for ROIKD: ``model.kd_embedding_dim`` when the model declares it
+    (RF-DETR query embeddings), else the last Linear of torchvision's ``roi_heads.box_head``."""
+    if getattr(model, "kd_embedding_dim", None):
+        return int(model.kd_embedding_dim)
     head = getattr(getattr(model, "roi_heads", None), "box_head", None)
     last = [m for m in head.modules() if isinstance(m, nn.Linear)][-1] if head is not None else None
     return last.out_features if last is not None else None
@@ -101,9 +105,12 @@ def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module) -> Dis
     elif kd.BETA_SCHEDULE != "constant":
         raise ConfigError(f"KD.BETA_SCHEDULE must be 'constant' or 'beta', got '{kd.BETA_SCHEDULE}'")
     s_unwrapped = student.module if hasattr(student, "module") else student
+    adapter = build_kd_adapter(ADAPTER_FOR_ARCH[arch])
+    if hasattr(adapter, "configure"):  # adapters with options read them from cfg
+        adapter.configure(cfg)
     distiller = Distiller(
         teacher=teacher,
-        adapter=build_kd_adapter(ADAPTER_FOR_ARCH[arch]),
+        adapter=adapter,
         student_shapes=s_unwrapped.backbone.output_shape(),
         teacher_shapes=teacher.backbone.output_shape(),
         student_emb_dim=_embedding_dim(s_unwrapped),
@@ -115,7 +122,7 @@ def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module) -> Dis
         temperature_schedule=t_sched,
         beta_schedule=b_sched,
         kl_direction=kd.KL_DIRECTION,
-        cls_kind=kd.CLSKD_KIND,
+        cls_kind=None if kd.CLSKD_KIND == "auto" else kd.CLSKD_KIND,
         reduction=kd.REDUCTION,
         con_mask_diag=kd.CON_MASK_DIAG,
     )

@@ -53,6 +53,19 @@ PAPER_TABLE16 = {
                    "joint_teacher": (49.94, 86.40), "student": (45.03, 80.46)},
 }
 
+#: Paper Table 17 (RF-DETR; the paper calls the dataset-specific row "Baseline").
+PAPER_TABLE17 = {
+    "LungCT": {"multi_head": (61.88, 90.17), "dataset_specific": (64.69, 93.84),
+               "joint_teacher": (66.78, 94.22), "student": (65.83, 94.04)},
+    "LungPet": {"multi_head": (70.26, 96.15), "dataset_specific": (73.45, 98.96),
+                "joint_teacher": (72.89, 98.74), "student": (72.71, 98.72)},
+    "DeepLesion": {"multi_head": (47.72, 78.54), "dataset_specific": (50.89, 80.13),
+                   "joint_teacher": (52.78, 83.95), "student": (51.84, 82.46)},
+}
+#: ``MODEL.META_ARCHITECTURE`` -> (detector title, paper table number, paper table).
+PAPER_TABLE_OF_ARCH = {"faster_rcnn": ("Faster R-CNN", 16, PAPER_TABLE16),
+                       "rfdetr": ("RF-DETR", 17, PAPER_TABLE17)}
+
 
 def _paper_key(target: str) -> Optional[str]:
     t = target.lower()
@@ -276,15 +289,18 @@ class PipelineRunner:
         return results
 
     def results_markdown(self, results: dict) -> str:
-        """The Table-16-style markdown of ``results`` (paper numbers beside ours when known)."""
-        paper = PAPER_TABLE16.get(_paper_key(self.target[0]) or "", {})
+        """The Table-16/17-style markdown of ``results`` (paper numbers beside ours when known;
+        the table follows ``MODEL.META_ARCHITECTURE``)."""
+        arch = str(self.cfg.MODEL.META_ARCHITECTURE)
+        title, num, table = PAPER_TABLE_OF_ARCH.get(arch, (arch, None, {}))
+        paper = table.get(_paper_key(self.target[0]) or "", {})
         head = "| Model | mAP@[.5:.95] | mAP@.5 |"
         sep = "|---|---|---|"
         if paper:
-            head += " paper Table 16 (full data, GPU) |"
+            head += f" paper Table {num} (full data, GPU) |"
             sep += "---|"
         lines = [f"Target {results['target']}, evaluated on {results['eval_dataset']} "
-                 "(Faster R-CNN; AP in percent)", "", head, sep]
+                 f"({title}; AP in percent)", "", head, sep]
         for key in ("multi_head", "dataset_specific", "joint_teacher", "student"):
             row = results["rows"].get(key)
             ap = "n/a" if row is None or row["AP"] is None else f"{row['AP']:.2f}"

@@ -10,6 +10,10 @@ gradients of every dataset.
 ``strict=True`` into a plain detector built from the same config), usable by ``do_test`` and
 exportable as a Stage-1/baseline checkpoint.
 
+The heads are built by the ``DETECTOR_REGISTRY`` builder of ``MODEL.META_ARCHITECTURE`` (the
+name is historical: ``"rfdetr"`` gives one RF-DETR decoder + heads per dataset on the shared
+backbone, the RF-DETR multi-head baseline of Table 17).
+
 Not registered in ``DETECTOR_REGISTRY``: the builder needs the list of datasets, which the
 registry's ``builder(cfg, backbone=None)`` contract does not carry.
 """
@@ -23,7 +27,7 @@ from torch import nn
 
 from ...utils.errors import ConfigError
 from ..backbone import Backbone, build_backbone
-from .faster_rcnn import build_faster_rcnn
+from ..registry import DETECTOR_REGISTRY
 
 __all__ = ["MultiHeadFasterRCNN", "head_key"]
 
@@ -72,7 +76,8 @@ class MultiHeadFasterRCNN(nn.Module):
         shared = backbone if backbone is not None else build_backbone(cfg)
         self.dataset_names: List[str] = names
         self._keys: Dict[str, str] = dict(zip(names, keys))
-        self.detectors = nn.ModuleDict({self._keys[n]: build_faster_rcnn(cfg, backbone=shared) for n in names})
+        build = DETECTOR_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+        self.detectors = nn.ModuleDict({self._keys[n]: build(cfg, backbone=shared) for n in names})
 
     @property
     def backbone(self) -> nn.Module:

@@ -71,7 +71,7 @@ def test_builder_config_errors():
     from mdkd_det.utils.errors import ConfigError
 
     with pytest.raises(ConfigError, match="IN_FEATURES"):
-        build_model(_cfg(**{"MODEL.RFDETR.IN_FEATURES": "['0']"}))  # stride 4
+        build_model(_cfg(**{"MODEL.RFDETR.IN_FEATURES": "['0', '1', '2', '3']"}))  # > 3 levels
     with pytest.raises(ConfigError, match="VARIANT"):
         build_model(_cfg(**{"MODEL.RFDETR.VARIANT": "huge"}))
 
@@ -213,6 +213,7 @@ def test_rfdetr_pipeline_four_rows_and_export(tmp_path, data_root):
         "PIPELINE.ENABLED": True,
         "PIPELINE.SOURCES": "('lung_pet_ct_dx_all', 'deeplesion_sample_train')",
         "PIPELINE.ITERS.STUDENT": 2, "PIPELINE.REUSE_TARGET_TEACHER_AS_BASELINE": True,
+        "PIPELINE.ITERS.BACKBONE_INIT": 1,
         "ADVERSARIAL.SOURCE_IMS_PER_BATCH": 1, "ADVERSARIAL.TARGET_IMS_PER_BATCH": 1,
         "DATASETS.TRAIN_LIMIT": 4, "DATASETS.TEST_LIMIT": 2, "TEST.VIS_NUM": 0,
         "KD.CF.SCHEDULE": "constant",
@@ -223,7 +224,12 @@ def test_rfdetr_pipeline_four_rows_and_export(tmp_path, data_root):
         assert row["AP"] is not None and row["AP50"] is not None
     md = (out / "results.md").read_text()
     assert "paper Table 17" in md and "RF-DETR" in md and "65.83" in md
-    assert "source_teacher_lung_pet_ct_dx_all" in res["wall_time_s"]
+    assert "source_teacher_lung_pet_ct_dx_all" in res["wall_time_s"] and "backbone_init" in res["wall_time_s"]
+    # the Faster R-CNN backbone_init stage initialised every non-fusion stage's backbone
+    init = str(out / "backbone_init" / "model_final.pth")
+    for stage in ("multi_head", "target_teacher", "student"):
+        assert init in (out / stage / "config.yaml").read_text(), stage
+    assert "META_ARCHITECTURE: faster_rcnn" in (out / "backbone_init" / "config.yaml").read_text()
     # the exported student loads (strict) into a plain RF-DETR built from its config, and evaluates
     scfg = get_cfg()
     scfg.merge_from_file(str(out / "student" / "config.yaml"))

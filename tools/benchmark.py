@@ -41,6 +41,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 DEFAULT_CONFIG = "configs/LungCT/faster_rcnn_R18_FPN_demo.yaml"
+#: ``--detector`` -> its default config (same keys and goals for every detector family).
+DETECTOR_CONFIGS = {"faster_rcnn": DEFAULT_CONFIG, "rfdetr": "configs/LungCT/mdkd_rfdetr_nano_demo.yaml"}
 
 
 def _cfg(args):
@@ -287,7 +289,9 @@ def _run_group(name: str, args: dict) -> dict:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--config-file", default=DEFAULT_CONFIG)
+    p.add_argument("--detector", choices=sorted(DETECTOR_CONFIGS), default="faster_rcnn",
+                   help="detector family; picks its demo config unless --config-file is given")
+    p.add_argument("--config-file", default=None, help="default: the --detector's demo config")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--iters", type=int, default=8, help="timed iterations per compared step")
     p.add_argument("--warmup", type=int, default=2)
@@ -296,7 +300,7 @@ def main(argv=None) -> int:
     p.add_argument("--groups", default=",".join(GROUPS), help="comma-separated subset of " + ",".join(GROUPS))
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     a = p.parse_args(argv)
-    args = {"config_file": a.config_file, "opts": a.opts, "iters": a.iters, "warmup": a.warmup,
+    args = {"config_file": a.config_file or DETECTOR_CONFIGS[a.detector], "opts": a.opts, "iters": a.iters, "warmup": a.warmup,
             "workers": a.workers, "loader_seconds": a.loader_seconds}
     raw = {g: _run_group(g, args) for g in a.groups.split(",") if g}
     out = {}

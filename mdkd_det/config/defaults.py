@@ -89,12 +89,16 @@ _C.MODEL.RFDETR.HIDDEN_DIM = 0
 _C.MODEL.RFDETR.DEC_LAYERS = 0
 # Projector levels of the DINOv2 encoder ([] = the variant's, ["P4"]); P3/P4/P5 = stride 8/16/32 px.
 _C.MODEL.RFDETR.PROJECTOR_SCALE = []
-# Plugin head: backbone maps fed to the decoder ([] = all but "pool"); strides 8/16/32 px only,
-# channels = 256 (the decoder width). E.g. ["1", "2"] = ResNet-FPN strides 8 and 16.
+# Plugin head: backbone maps fed to the decoder ([] = all but "pool"); 1 to 3 maps, channels =
+# the decoder width. E.g. ["1", "2"] = ResNet-FPN strides 8 and 16 px.
 _C.MODEL.RFDETR.IN_FEATURES = []
 # rfdetr checkpoint ({"model": LWDETR state dict}) loaded by name and shape ("" = none; nothing
 # is ever downloaded).
 _C.MODEL.RFDETR.PRETRAIN_WEIGHTS = ""
+# Detector checkpoint ({"model": state dict} with "backbone.*" keys, e.g. a Faster R-CNN on the
+# same registry backbone) whose backbone initialises this model's backbone ("" = from scratch).
+# Ignored for MODEL.BACKBONE.NAME "fusion" (its teachers come from FUSION.TEACHERS).
+_C.MODEL.RFDETR.BACKBONE_INIT = ""
 
 # --------------------------------------------------------------------------------------------
 # Input
@@ -293,7 +297,7 @@ _C.PIPELINE.ENABLED = False
 # Source datasets (one adapted teacher each). The target is DATASETS.TRAIN / DATASETS.TEST.
 _C.PIPELINE.SOURCES = ()
 # Stages in order; a subset runs only those (the CLI's --stage does the same).
-_C.PIPELINE.STAGES = ("multi_head", "dataset_specific", "target_teacher", "source_teachers",
+_C.PIPELINE.STAGES = ("backbone_init", "multi_head", "dataset_specific", "target_teacher", "source_teachers",
                       "joint_teacher", "student")
 # Backbone of every Stage-1 teacher (the student is MODEL.BACKBONE.NAME; A25).
 _C.PIPELINE.TEACHER_BACKBONE = "resnet18_fpn"
@@ -305,6 +309,11 @@ _C.PIPELINE.ITERS.TARGET_TEACHER = 0
 _C.PIPELINE.ITERS.SOURCE_TEACHER = 0
 _C.PIPELINE.ITERS.JOINT_TEACHER = 0
 _C.PIPELINE.ITERS.STUDENT = 0
+# Optional first stage (0 = off): train a PIPELINE.BACKBONE_INIT_ARCH detector with the same
+# backbone on the target for this many iterations; its backbone initialises every non-fusion
+# stage (MODEL.RFDETR.BACKBONE_INIT). The RF-DETR CPU protocol uses it (README "RF-DETR").
+_C.PIPELINE.ITERS.BACKBONE_INIT = 0
+_C.PIPELINE.BACKBONE_INIT_ARCH = "faster_rcnn"
 # Base learning rate of the joint teacher's fusion + new heads (0 = SOLVER.BASE_LR).
 _C.PIPELINE.JOINT_TEACHER_BASE_LR = 0.0
 # A24: when the target teacher has the student's architecture and schedule, it *is* the

@@ -5,6 +5,10 @@ This is the only module that knows the paper's stage order (Algorithm 1; §3, §
 =================  =============================================================  ===========
 stage              what                                                           trainer
 =================  =============================================================  ===========
+backbone_init      optional (``PIPELINE.ITERS.BACKBONE_INIT`` > 0; RF-DETR CPU         DefaultTrainer
+                   protocol): a ``PIPELINE.BACKBONE_INIT_ARCH`` detector on the target
+                   whose backbone initialises every non-fusion stage
+                   (``MODEL.RFDETR.BACKBONE_INIT``); not a table row
 multi_head         shared backbone, one RPN+RoI head per dataset (C38)            MultiHeadTrainer
 dataset_specific   student architecture on the target alone (C37)                 DefaultTrainer
 target_teacher     teacher architecture on the target alone (C1, Eq. 8)           DefaultTrainer
@@ -37,7 +41,7 @@ from ..utils.errors import ConfigError
 
 logger = logging.getLogger("mdkd_det.pipeline")
 
-STAGES = ("multi_head", "dataset_specific", "target_teacher", "source_teachers", "joint_teacher", "student")
+STAGES = ("backbone_init", "multi_head", "dataset_specific", "target_teacher", "source_teachers", "joint_teacher", "student")
 #: results.json row of each stage that produces one.
 ROW_OF_STAGE = {"multi_head": "multi_head", "dataset_specific": "dataset_specific",
                 "joint_teacher": "joint_teacher", "student": "student"}
@@ -120,7 +124,13 @@ class PipelineRunner:
         c.PIPELINE.ENABLED = False
         c.DATASETS.TEST = (self.eval_dataset,)
         teacher_bb = c.PIPELINE.TEACHER_BACKBONE
-        if stage == "multi_head":
+        if self._backbone_init_iters() and stage != "backbone_init":
+            c.MODEL.RFDETR.BACKBONE_INIT = os.path.join(self.stage_dir("backbone_init"), "model_final.pth")
+        if stage == "backbone_init":
+            c.MODEL.META_ARCHITECTURE = c.PIPELINE.BACKBONE_INIT_ARCH
+            c.SOLVER.MAX_ITER = self._backbone_init_iters()
+            c.DATASETS.TEST = ()  # not a table row: skip its evaluation
+        elif stage == "multi_head":
             c.SOLVER.MAX_ITER = self._iters("MULTI_HEAD")
         elif stage == "dataset_specific":
             c.SOLVER.MAX_ITER = self._iters("DATASET_SPECIFIC")
@@ -151,6 +161,14 @@ class PipelineRunner:
         c.OUTPUT_DIR = self.stage_dir(stage, source)
         c.freeze()
         return c
+
+    def _backbone_init_iters(self) -> int:
+        n = int(self.cfg.PIPELINE.ITERS.BACKBONE_INIT)
+        if n and self.cfg.PIPELINE.BACKBONE_INIT_ARCH == self.cfg.MODEL.META_ARCHITECTURE:
+            raise ConfigError("PIPELINE.ITERS.BACKBONE_INIT > 0 trains a PIPELINE.BACKBONE_INIT_ARCH "
+                              "detector to initialise another family's backbone; it equals "
+                              f"MODEL.META_ARCHITECTURE ('{self.cfg.MODEL.META_ARCHITECTURE}')")
+        return n
 
     def stage_dir(self, stage: str, source: Optional[str] = None) -> str:
         """``OUTPUT_DIR/<stage>`` (``source_teacher_<dataset>`` for a source teacher)."""
@@ -212,6 +230,14 @@ class PipelineRunner:
         os.makedirs(self.root, exist_ok=True)
         cfg = self.cfg
         for stage in STAGES:
+            if stage == "backbone_init":
+                if self._backbone_init_iters():
+                    scfg = self.stage_cfg(stage)
+                    if stage in self.stages:
+                        self.wall[stage] = self._run_one(stage, scfg, DefaultTrainer)["wall_time_s"]
+                    else:
+                        self._collect(stage, scfg)
+                continue
             if stage == "source_teachers":
                 if stage in self.stages and not self.sources:
                     raise ConfigError("source_teachers needs PIPELINE.SOURCES")

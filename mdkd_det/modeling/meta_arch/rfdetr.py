@@ -37,7 +37,7 @@ from torchvision.models.detection.image_list import ImageList
 
 from ...utils.errors import CheckpointError, ConfigError
 from ..backbone import Backbone, build_backbone
-from ..backbone.rfdetr_dinov2 import PROJECTOR_STRIDE, RFDETRDinoV2Backbone, import_rfdetr, rfdetr_model_config
+from ..backbone.rfdetr_dinov2 import RFDETRDinoV2Backbone, import_rfdetr, rfdetr_model_config
 from ..registry import DETECTOR_REGISTRY
 from .rfdetr_boxes import LABEL_OFFSET, to_rfdetr_targets
 
@@ -222,16 +222,14 @@ class RFDETRDetector(nn.Module):
                 for r in res]
 
 
-def _projector_scale(shapes: dict, names: Sequence[str]) -> List[str]:
-    inv = {v: k for k, v in PROJECTOR_STRIDE.items()}
-    scale = []
-    for n in names:
-        s = int(shapes[n].stride)
-        if s not in inv:
-            raise ConfigError(f"MODEL.RFDETR.IN_FEATURES '{n}' has stride {s} px; the RF-DETR "
-                              f"decoder takes strides {sorted(inv)} (projector levels P3-P5)")
-        scale.append(inv[s])
-    return scale
+def _projector_scale(names: Sequence[str]) -> List[str]:
+    """rfdetr ``projector_scale`` for a plugin backbone with maps ``names``: only the number of
+    levels matters to the decoder (deformable attention over normalised reference points, any
+    strides), so levels are labelled P3, P4, P5 in order."""
+    if not 1 <= len(names) <= 3:
+        raise ConfigError(f"MODEL.RFDETR.IN_FEATURES {list(names)}: the RF-DETR decoder takes 1 to 3 "
+                          "feature levels (rfdetr projector_scale P3-P5)")
+    return ["P3", "P4", "P5"][: len(names)]
 
 
 def to_lwdetr_state_dict(state_dict: Dict[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
@@ -284,9 +282,11 @@ def build_rfdetr(cfg, backbone: Optional[Backbone] = None) -> RFDETRDetector:
 
     ``MODEL.BACKBONE.NAME`` ``"rfdetr_dinov2"`` gives the plain RF-DETR (variant
     ``MODEL.RFDETR.VARIANT``); any other registry backbone gives the plugin head over its
-    ``MODEL.RFDETR.IN_FEATURES`` maps ([] = all but ``pool``), which must have ``hidden_dim``
-    (256) channels and strides 8/16/32 px. ``MODEL.RFDETR.PRETRAIN_WEIGHTS`` ("" = none, the
-    default) loads an rfdetr checkpoint by name and shape.
+    ``MODEL.RFDETR.IN_FEATURES`` maps ([] = all but ``pool``; 1 to 3 maps, any strides), which
+    must have ``hidden_dim`` channels. ``MODEL.RFDETR.PRETRAIN_WEIGHTS`` ("" = none, the
+    default) loads an rfdetr checkpoint by name and shape. ``MODEL.RFDETR.BACKBONE_INIT`` ("" =
+    none) initialises the backbone (not a ``fusion`` one) from any of our detector checkpoints
+    with the same backbone (e.g. a Faster R-CNN trained on the target: the CPU protocol).
 
     Args:
         cfg: config (MODEL.*, INPUT.*).
@@ -301,11 +301,17 @@ def build_rfdetr(cfg, backbone: Optional[Backbone] = None) -> RFDETRDetector:
     from rfdetr.models.postprocess import PostProcess
 
     backbone = backbone if backbone is not None else build_backbone(cfg)
+    init = str(cfg.MODEL.RFDETR.BACKBONE_INIT)
+    if init and cfg.MODEL.BACKBONE.NAME != "fusion":
+        from ..fusion import load_teacher_backbone
+
+        load_teacher_backbone(backbone, init)  # strict on the backbone keys; names the file
+        logger.info("RF-DETR backbone initialised from %s", init)
     shapes = backbone.output_shape()
     names = list(cfg.MODEL.RFDETR.IN_FEATURES) or [k for k in shapes if k != "pool"]
     sel = backbone if names == list(shapes) else LevelSelect(backbone, names)
     sel_shapes = sel.output_shape()
-    scale = _projector_scale(sel_shapes, names)
+    scale = _projector_scale(names)
     mc = rfdetr_model_config(cfg, None if isinstance(backbone, RFDETRDinoV2Backbone) else scale)
     bad = {n: s.channels for n, s in sel_shapes.items() if s.channels != mc.hidden_dim}
     if bad:

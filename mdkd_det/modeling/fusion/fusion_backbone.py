@@ -171,10 +171,13 @@ class FusionBackbone(Backbone):
             return [t(norm(x)) for t, norm in zip(self.teachers, self.teacher_inputs)]
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        return self.forward_levels(x, list(self.fusion))
+
+    def forward_levels(self, x: torch.Tensor, names) -> "OrderedDict[str, torch.Tensor]":
+        """Fused maps of the levels ``names`` only (a detector that reads a subset of the
+        levels, e.g. the RF-DETR decoder, skips the other fusion ops)."""
         feats = self.teacher_features(x)
-        return OrderedDict(
-            (name, op([f[name] for f in feats])) for name, op in self.fusion.items()
-        )
+        return OrderedDict((name, self.fusion[name]([f[name] for f in feats])) for name in names)
 
 
 def _read_checkpoint(path: str) -> dict:

@@ -127,6 +127,8 @@ class LevelSelect(Backbone):
         return self
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
+        if hasattr(self.inner, "forward_levels"):  # e.g. FusionBackbone: fuse these levels only
+            return self.inner.forward_levels(x, self.names)
         feats = self.inner(x)
         return OrderedDict((n, feats[n]) for n in self.names)
 

@@ -213,7 +213,7 @@ def test_rfdetr_pipeline_four_rows_and_export(tmp_path, data_root):
         "PIPELINE.ENABLED": True,
         "PIPELINE.SOURCES": "('lung_pet_ct_dx_all', 'deeplesion_sample_train')",
         "PIPELINE.ITERS.STUDENT": 2, "PIPELINE.REUSE_TARGET_TEACHER_AS_BASELINE": True,
-        "PIPELINE.ITERS.BACKBONE_INIT": 1,
+        "PIPELINE.ITERS.BACKBONE_INIT": 1, "PIPELINE.JOINT_TEACHER_HEAD_INIT": "target_teacher",
         "ADVERSARIAL.SOURCE_IMS_PER_BATCH": 1, "ADVERSARIAL.TARGET_IMS_PER_BATCH": 1,
         "DATASETS.TRAIN_LIMIT": 4, "DATASETS.TEST_LIMIT": 2, "TEST.VIS_NUM": 0,
         "KD.CF.SCHEDULE": "constant",
@@ -230,6 +230,8 @@ def test_rfdetr_pipeline_four_rows_and_export(tmp_path, data_root):
     for stage in ("multi_head", "target_teacher", "student"):
         assert init in (out / stage / "config.yaml").read_text(), stage
     assert "META_ARCHITECTURE: faster_rcnn" in (out / "backbone_init" / "config.yaml").read_text()
+    assert "HEAD_INIT: " + str(out / "target_teacher" / "model_final.pth") in (
+        out / "joint_teacher" / "config.yaml").read_text()
     # the exported student loads (strict) into a plain RF-DETR built from its config, and evaluates
     scfg = get_cfg()
     scfg.merge_from_file(str(out / "student" / "config.yaml"))

@@ -99,6 +99,10 @@ _C.MODEL.RFDETR.PRETRAIN_WEIGHTS = ""
 # same registry backbone) whose backbone initialises this model's backbone ("" = from scratch).
 # Ignored for MODEL.BACKBONE.NAME "fusion" (its teachers come from FUSION.TEACHERS).
 _C.MODEL.RFDETR.BACKBONE_INIT = ""
+# RF-DETR checkpoint whose decoder + heads ("detr.*" keys) initialise this model's ("" = from
+# scratch). The pipeline sets it for the joint teacher when PIPELINE.JOINT_TEACHER_HEAD_INIT is
+# "target_teacher" (paper_notes A9 option).
+_C.MODEL.RFDETR.HEAD_INIT = ""
 
 # --------------------------------------------------------------------------------------------
 # Input
@@ -316,6 +320,9 @@ _C.PIPELINE.ITERS.BACKBONE_INIT = 0
 _C.PIPELINE.BACKBONE_INIT_ARCH = "faster_rcnn"
 # Base learning rate of the joint teacher's fusion + new heads (0 = SOLVER.BASE_LR).
 _C.PIPELINE.JOINT_TEACHER_BASE_LR = 0.0
+# Joint teacher's new detection head: "scratch" (paper) or "target_teacher" (A9 option; RF-DETR:
+# start the decoder + heads from the Stage-1 target teacher's).
+_C.PIPELINE.JOINT_TEACHER_HEAD_INIT = "scratch"
 # A24: when the target teacher has the student's architecture and schedule, it *is* the
 # dataset-specific baseline; reuse its checkpoint instead of training the same run twice.
 _C.PIPELINE.REUSE_TARGET_TEACHER_AS_BASELINE = False

@@ -7,6 +7,9 @@ same model architecture and the same real batch of LungCT slices (``--config-fil
 the demo config). Inside a group the compared steps are interleaved, A B A B ..., and the
 median is taken.
 
+``--detector rfdetr`` measures the same keys on the RF-DETR demo config (plugin head; the joint
+teacher and KD groups use the RF-DETR fusion teacher and KD adapter); Faster R-CNN is the default.
+
 Keys printed with ``--json`` (one JSON object):
 
 - ``trainer_overhead_ratio``: our ``SimpleTrainer`` step (hooks, logging, clipping) / a bare

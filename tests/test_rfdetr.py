@@ -223,7 +223,7 @@ def test_rfdetr_pipeline_four_rows_and_export(tmp_path, data_root):
     for row in res["rows"].values():
         assert row["AP"] is not None and row["AP50"] is not None
     md = (out / "results.md").read_text()
-    assert "paper Table 17" in md and "RF-DETR" in md and "65.83" in md
+    assert "paper Table 17" in md and "rfdetr" in md and "65.83" in md
     assert "source_teacher_lung_pet_ct_dx_all" in res["wall_time_s"] and "backbone_init" in res["wall_time_s"]
     # the Faster R-CNN backbone_init stage initialised every non-fusion stage's backbone
     init = str(out / "backbone_init" / "model_final.pth")

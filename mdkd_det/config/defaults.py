@@ -17,6 +17,9 @@ _C.MODEL = CN()
 _C.MODEL.DEVICE = "cpu"
 # Detector family, a name in DETECTOR_REGISTRY ("faster_rcnn").
 _C.MODEL.META_ARCHITECTURE = "faster_rcnn"
+# Task of the model (mdkd_det.tasks.TASK_REGISTRY): input mapper, evaluation, best-model metric,
+# results-table columns. "detection" (COCO bbox + FROC); other tasks register their own.
+_C.MODEL.TASK = "detection"
 # Checkpoint to load before training/evaluation ("" = none). Our own checkpoints or a plain
 # torchvision state dict.
 _C.MODEL.WEIGHTS = ""

@@ -50,10 +50,11 @@ from ..modeling.domain_adversarial import (
     MultiLevelDomainAdversarial,
 )
 from ..solver import build_optimizer
+from ..tasks import get_task
 from ..utils.errors import ConfigError, DatasetError
 from .checkpointer import unwrap_model
 from . import comm
-from .defaults import DefaultTrainer, check_num_classes, seed_all_rng
+from .defaults import DefaultTrainer, seed_all_rng
 from .events import get_event_storage
 from .launch import create_ddp_model
 from .trainer import SimpleTrainer
@@ -355,7 +356,7 @@ class DomainAdversarialTrainer(DefaultTrainer):
         cfg = self.cfg
         loader = build_paired_train_loader(cfg, cfg.ADVERSARIAL.SOURCE, cfg.DATASETS.TRAIN, start_iter)
         for name in list(cfg.ADVERSARIAL.SOURCE) + list(cfg.DATASETS.TRAIN):
-            check_num_classes(cfg, name)
+            get_task(cfg).check_dataset(cfg, name)
         return loader
 
     def build_trainer(self, model, data_loader) -> SimpleTrainer:

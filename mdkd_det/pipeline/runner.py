@@ -21,7 +21,8 @@ Each stage is an ordinary trainer run on a config delta, in ``OUTPUT_DIR/<stage>
 teachers in ``OUTPUT_DIR/source_teacher_<name>/``). A stage whose ``model_final.pth`` and
 ``stage_result.json`` exist is skipped (unless in ``PIPELINE.RERUN`` / ``--rerun``); one with
 only a ``last_checkpoint`` resumes exactly. ``OUTPUT_DIR/results.json`` and ``results.md``
-collect the target-evaluation rows (AP in percent) and each stage's wall time.
+collect the target-evaluation rows (the task's ``row_metrics``, e.g. AP/AP50 in percent for
+detection) and each stage's wall time.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from ..config import CfgNode
 from ..engine import comm
 from ..engine.checkpointer import atomic_write_text
 from ..engine.defaults import DefaultTrainer, dataset_output_name
+from ..tasks import get_task
+from ..tasks.base import row_values
 from ..utils.errors import ConfigError
 
 logger = logging.getLogger("mdkd_det.pipeline")
@@ -47,41 +50,6 @@ ROW_OF_STAGE = {"multi_head": "multi_head", "dataset_specific": "dataset_specifi
                 "joint_teacher": "joint_teacher", "student": "student"}
 ROW_TITLES = {"multi_head": "Multi-head", "dataset_specific": "Dataset-specific",
               "joint_teacher": "Joint teacher", "student": "Student"}
-#: Paper Table 16 (Faster R-CNN), mAP@[.5:.95] / mAP@.5, for reference next to our numbers.
-PAPER_TABLE16 = {
-    "LungCT": {"multi_head": (44.52, 80.73), "dataset_specific": (47.23, 83.20),
-               "joint_teacher": (49.31, 87.34), "student": (47.89, 85.53)},
-    "LungPet": {"multi_head": (63.83, 97.45), "dataset_specific": (66.72, 99.05),
-                "joint_teacher": (65.74, 99.51), "student": (65.61, 99.28)},
-    "DeepLesion": {"multi_head": (38.33, 70.68), "dataset_specific": (41.20, 73.91),
-                   "joint_teacher": (49.94, 86.40), "student": (45.03, 80.46)},
-}
-
-#: Paper Table 17 (RF-DETR; the paper calls the dataset-specific row "Baseline").
-PAPER_TABLE17 = {
-    "LungCT": {"multi_head": (61.88, 90.17), "dataset_specific": (64.69, 93.84),
-               "joint_teacher": (66.78, 94.22), "student": (65.83, 94.04)},
-    "LungPet": {"multi_head": (70.26, 96.15), "dataset_specific": (73.45, 98.96),
-                "joint_teacher": (72.89, 98.74), "student": (72.71, 98.72)},
-    "DeepLesion": {"multi_head": (47.72, 78.54), "dataset_specific": (50.89, 80.13),
-                   "joint_teacher": (52.78, 83.95), "student": (51.84, 82.46)},
-}
-#: ``MODEL.META_ARCHITECTURE`` -> (detector title, paper table number, paper table).
-PAPER_TABLE_OF_ARCH = {"faster_rcnn": ("Faster R-CNN", 16, PAPER_TABLE16),
-                       "rfdetr": ("RF-DETR", 17, PAPER_TABLE17)}
-
-
-def _paper_key(target: str) -> Optional[str]:
-    t = target.lower()
-    if t.startswith("lungct"):
-        return "LungCT"
-    if t.startswith("lung_pet_ct_dx"):
-        return "LungPet"
-    if t.startswith("deeplesion"):
-        return "DeepLesion"
-    return None
-
-
 class PipelineRunner:
     """Run the MDKD stages for ``cfg`` (``PIPELINE.*``, ``DATASETS.TRAIN`` = target).
 
@@ -110,6 +78,7 @@ class PipelineRunner:
         self.eval_dataset = cfg.DATASETS.TEST[0]
         self.sources = list(cfg.PIPELINE.SOURCES)
         self.root = cfg.OUTPUT_DIR
+        self.task = get_task(cfg)
         self.wall: Dict[str, float] = {}
         self.rows: Dict[str, dict] = {}
 
@@ -218,12 +187,12 @@ class PipelineRunner:
         results = trainer.train()
         if after_train is not None:
             after_train(trainer)
-        metrics = results.get("bbox") if results else None
+        key = self.task.result_key
+        metrics = results.get(key) if results else None
         if not metrics and cfg.DATASETS.TEST:  # no eval hook ran (resumed at the end): evaluate
-            metrics = trainer.test()[self.eval_dataset]["bbox"]
-        metrics = metrics or {}
+            metrics = trainer.test()[self.eval_dataset][key]
         wall = time.perf_counter() - t0
-        res = {"AP": metrics.get("AP"), "AP50": metrics.get("AP50"),
+        res = {**row_values(self.task, metrics),
                "checkpoint": os.path.abspath(os.path.join(out, checkpoint)), "wall_time_s": wall}
         if comm.is_main_process():
             atomic_write_text(result_file, json.dumps(res, indent=2))
@@ -309,7 +278,9 @@ class PipelineRunner:
         results = {
             "target": "+".join(self.target),
             "eval_dataset": self.eval_dataset,
-            "rows": {k: {"AP": _num(v.get("AP")), "AP50": _num(v.get("AP50")),
+            "task": self.task.name,
+            "metrics": list(self.task.row_metrics),
+            "rows": {k: {**{m: _num(v.get(m)) for m in self.task.row_metrics},
                          "checkpoint": v.get("checkpoint"),
                          **({"reused_from": v["reused_from"]} if v.get("reused_from") else {})}
                      for k, v in self.rows.items()},
@@ -323,27 +294,25 @@ class PipelineRunner:
         return results
 
     def results_markdown(self, results: dict) -> str:
-        """The Table-16/17-style markdown of ``results`` (paper numbers beside ours when known;
-        the table follows ``MODEL.META_ARCHITECTURE``)."""
-        arch = str(self.cfg.MODEL.META_ARCHITECTURE)
-        title, num, table = PAPER_TABLE_OF_ARCH.get(arch, (arch, None, {}))
-        paper = table.get(_paper_key(self.target[0]) or "", {})
-        head = "| Model | mAP@[.5:.95] | mAP@.5 |"
-        sep = "|---|---|---|"
+        """The paper-table-style markdown of ``results``: one column per task metric, and the
+        paper's numbers beside ours when the task knows them (:meth:`Task.paper_reference`)."""
+        metrics = list(self.task.row_metrics)
+        caption, paper = self.task.paper_reference(self.cfg, self.target[0])
+        titles = [self.task.metric_titles.get(m, m) for m in metrics]
+        head = "| Model | " + " | ".join(titles) + " |"
+        sep = "|---|" + "---|" * len(metrics)
         if paper:
-            head += f" paper Table {num} (full data, GPU) |"
+            head += f" {caption} |"
             sep += "---|"
         lines = [f"Target {results['target']}, evaluated on {results['eval_dataset']} "
-                 f"({title}; AP in percent)", "", head, sep]
+                 f"({self.task.name}, {self.cfg.MODEL.META_ARCHITECTURE})", "", head, sep]
         for key in ("multi_head", "dataset_specific", "joint_teacher", "student"):
-            row = results["rows"].get(key)
-            ap = "n/a" if row is None or row["AP"] is None else f"{row['AP']:.2f}"
-            ap50 = "n/a" if row is None or row["AP50"] is None else f"{row['AP50']:.2f}"
-            title = ROW_TITLES[key] + (" (= target teacher, A24)" if row and row.get("reused_from") else "")
-            line = f"| {title} | {ap} | {ap50} |"
+            row = results["rows"].get(key) or {}
+            vals = ["n/a" if row.get(m) is None else f"{row[m]:.2f}" for m in metrics]
+            title = ROW_TITLES[key] + (" (= target teacher, A24)" if row.get("reused_from") else "")
+            line = f"| {title} | " + " | ".join(vals) + " |"
             if paper:
-                p = paper[key]
-                line += f" {p[0]:.2f} / {p[1]:.2f} |"
+                line += " " + (" / ".join(f"{v:.2f}" for v in paper[key]) if key in paper else "n/a") + " |"
             lines.append(line)
         lines += ["", "| Stage | wall time (s) |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in results["wall_time_s"].items()]

@@ -50,28 +50,31 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-@KD_ADAPTER_REGISTRY.register("torchvision_faster_rcnn")
-class TorchvisionFasterRCNNAdapter:
-    """torchvision ``FasterRCNN`` (engineering_notes §5; decision A10).
+class TwoStageAdapter:
+    """Shared logic of two-stage (RPN + RoI head) detector adapters; subclasses say only how to
+    read their family's records.
 
-    Student records: the transformed batch (``ImageList``), the FPN maps, the sampled training
-    proposals (``roi_heads.select_training_samples``), the RoI embeddings (``box_head`` output,
-    [sum M_i, D]) and class logits (``box_predictor`` output, [sum M_i, K+1]). The teacher runs
-    its backbone on the student's transformed tensor and its RoI head on the student's sampled
-    proposals, so region m is the same box for both (ClsKD / ROIKD correspondence).
+    Records (tap preset ``taps_preset``): ``images`` (the transformed batch), ``features``
+    (backbone maps), ``sampled`` (the RoI head's sampled training proposals), ``box_features``
+    (box-head embeddings [sum M_i, D]) and ``box_predictor`` (``(class_logits [sum M_i, K+1],
+    box_deltas)``). The teacher runs its backbone on the student's transformed tensor and its
+    RoI head on the student's sampled proposals, so region m is the same box for both (ClsKD /
+    ROIKD correspondence, A10).
 
-    Softmax heads: ClsKD uses ``kind="softmax"`` over the K+1 logits.
+    Subclasses set ``taps_preset`` and implement :meth:`batch_tensor` and
+    :meth:`teacher_regions`.
     """
 
     cls_kind = "softmax"
+    taps_preset: str = ""
 
     def student_taps(self) -> Dict[str, object]:
-        """Tap specs for :class:`TapRecorder` (preset ``"torchvision_faster_rcnn"``)."""
-        return register_detector_taps("torchvision_faster_rcnn")
+        """Tap specs for :class:`TapRecorder` (preset ``taps_preset``)."""
+        return register_detector_taps(self.taps_preset)
 
     def student_inputs(self, rec) -> KDInputs:
-        """Student :class:`KDInputs` from the records of its own training forward: FPN maps
-        [B, C, H/s, W/s], RoI embeddings [sum M_i, D] and logits [sum M_i, K+1]."""
+        """Student :class:`KDInputs` from the records of its own training forward: backbone
+        maps [B, C, H/s, W/s], RoI embeddings [sum M_i, D] and logits [sum M_i, K+1]."""
         logits = rec.get("box_predictor")
         return KDInputs(
             features=rec["features"],
@@ -83,14 +86,42 @@ class TorchvisionFasterRCNNAdapter:
         """Teacher :class:`KDInputs` on the student's transformed batch and sampled proposals,
         under ``torch.no_grad`` (rows aligned with :meth:`student_inputs`)."""
         teacher = _unwrap(teacher)
-        image_list = rec["images"][0]
         with torch.no_grad():
-            feats = teacher.backbone(image_list.tensors)
-        sampled = rec.get("sampled")
+            feats = teacher.backbone(self.batch_tensor(rec))
         emb = logits = None
-        if sampled is not None:
-            emb, logits = teacher_roi_outputs(teacher, feats, sampled[0], image_list.image_sizes)
+        if rec.get("sampled") is not None:
+            emb, logits = self.teacher_regions(teacher, feats, rec)
         return KDInputs(features=feats, region_embeddings=emb, region_logits=logits)
+
+    def batch_tensor(self, rec) -> torch.Tensor:  # pragma: no cover - abstract
+        """The student's normalised, padded batch ``Tensor[B, C, H, W]``."""
+        raise NotImplementedError
+
+    def teacher_regions(self, teacher: nn.Module, feats, rec):  # pragma: no cover - abstract
+        """``(embeddings [sum M_i, D_t], class_logits [sum M_i, K+1])`` of the teacher's RoI
+        head on the student's sampled proposals, without autograd history."""
+        raise NotImplementedError
+
+
+@KD_ADAPTER_REGISTRY.register("torchvision_faster_rcnn")
+class TorchvisionFasterRCNNAdapter(TwoStageAdapter):
+    """torchvision ``FasterRCNN`` (engineering_notes §5; decision A10).
+
+    Records: the transformed batch (``(ImageList, targets)``), the FPN maps, the sampled
+    training proposals (``roi_heads.select_training_samples``), the RoI embeddings
+    (``box_head`` output, [sum M_i, D]) and class logits (``box_predictor`` output,
+    [sum M_i, K+1], background at index 0).
+    """
+
+    taps_preset = "torchvision_faster_rcnn"
+
+    def batch_tensor(self, rec) -> torch.Tensor:
+        """``ImageList.tensors`` of the transform's output."""
+        return rec["images"][0].tensors
+
+    def teacher_regions(self, teacher: nn.Module, feats, rec):
+        """:func:`teacher_roi_outputs` on ``rec["sampled"][0]`` (proposal boxes)."""
+        return teacher_roi_outputs(teacher, feats, rec["sampled"][0], rec["images"][0].image_sizes)
 
 
 def build_kd_adapter(name: str):

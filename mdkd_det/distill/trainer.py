@@ -79,12 +79,16 @@ def _embedding_dim(model: nn.Module) -> Optional[int]:
     return last.out_features if last is not None else None
 
 
-def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module) -> Distiller:
-    """Distiller for ``student``/``teacher`` from ``cfg.KD`` (weights, schedules, options)."""
-    arch = cfg.MODEL.META_ARCHITECTURE
-    if arch not in ADAPTER_FOR_ARCH:
-        raise ConfigError(f"MODEL.META_ARCHITECTURE '{arch}' has no KD adapter; known: {sorted(ADAPTER_FOR_ARCH)}")
-    kd = cfg.KD
+def distiller_options(kd) -> dict:
+    """Keyword arguments of :class:`Distiller` read from a ``KD`` config node: weights, cf,
+    temperature (+ schedule), beta schedule and loss options (paper Eq. 24, §6.3).
+
+    Shared by this trainer and the detectron2 one (:mod:`mdkd_det.d2.trainer`), whose ``KD``
+    node has the same keys (:func:`mdkd_det.d2.config.add_mdkd_config`).
+
+    Raises:
+        ConfigError: unknown ``KD.TEMPERATURE_SCHEDULE`` / ``KD.BETA_SCHEDULE``.
+    """
     cf = build_schedule(kd.CF.SCHEDULE, **(
         {"value": kd.CF.MAX} if kd.CF.SCHEDULE == "constant"
         else {"warmup": kd.CF.WARMUP, "ramp": kd.CF.RAMP, "max_value": kd.CF.MAX}))
@@ -100,14 +104,7 @@ def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module) -> Dis
                                  warmup=kd.BETA_RAMP.WARMUP, ramp=kd.BETA_RAMP.RAMP)
     elif kd.BETA_SCHEDULE != "constant":
         raise ConfigError(f"KD.BETA_SCHEDULE must be 'constant' or 'beta', got '{kd.BETA_SCHEDULE}'")
-    s_unwrapped = student.module if hasattr(student, "module") else student
-    distiller = Distiller(
-        teacher=teacher,
-        adapter=build_kd_adapter(ADAPTER_FOR_ARCH[arch]),
-        student_shapes=s_unwrapped.backbone.output_shape(),
-        teacher_shapes=teacher.backbone.output_shape(),
-        student_emb_dim=_embedding_dim(s_unwrapped),
-        teacher_emb_dim=_embedding_dim(teacher),
+    return dict(
         weights={"con": kd.W_CON, "falgn": kd.W_FALGN, "cos": kd.W_COS, "att": kd.W_ATT,
                  "clskd": kd.W_CLSKD, "roikd": kd.W_ROIKD},
         cf=cf,
@@ -118,6 +115,23 @@ def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module) -> Dis
         cls_kind=kd.CLSKD_KIND,
         reduction=kd.REDUCTION,
         con_mask_diag=kd.CON_MASK_DIAG,
+    )
+
+
+def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module) -> Distiller:
+    """Distiller for ``student``/``teacher`` from ``cfg.KD`` (weights, schedules, options)."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    if arch not in ADAPTER_FOR_ARCH:
+        raise ConfigError(f"MODEL.META_ARCHITECTURE '{arch}' has no KD adapter; known: {sorted(ADAPTER_FOR_ARCH)}")
+    s_unwrapped = student.module if hasattr(student, "module") else student
+    distiller = Distiller(
+        teacher=teacher,
+        adapter=build_kd_adapter(ADAPTER_FOR_ARCH[arch]),
+        student_shapes=s_unwrapped.backbone.output_shape(),
+        teacher_shapes=teacher.backbone.output_shape(),
+        student_emb_dim=_embedding_dim(s_unwrapped),
+        teacher_emb_dim=_embedding_dim(teacher),
+        **distiller_options(cfg.KD),
     )
     return distiller.to(torch.device(cfg.MODEL.DEVICE))
 

@@ -33,10 +33,11 @@ from detectron2.config import get_cfg  # noqa: E402
 from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
 from detectron2.evaluation import verify_results  # noqa: E402
 from detectron2.utils import comm  # noqa: E402
+from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from mdkd_det.d2 import MDKDTrainer, add_mdkd_config, register_mdkd_datasets  # noqa: E402
 
-logger = logging.getLogger("mdkd_det.d2_train_net")
+logger = logging.getLogger("mdkd_det.tools.d2_train_net")
 
 
 def setup(args):
@@ -46,6 +47,7 @@ def setup(args):
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    setup_logger(cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="mdkd_det", abbrev_name="mdkd")
     register_mdkd_datasets(cfg)
     return cfg
 

@@ -17,6 +17,21 @@ from mdkd_det.d2 import MDKDDatasetMapper, register_mdkd_datasets  # noqa: E402
 from _d2tiny import tiny_d2_cfg  # noqa: E402
 
 
+def test_detectron2_configs_load():
+    import glob
+
+    from detectron2.config import get_cfg
+
+    from mdkd_det.d2 import add_mdkd_config
+
+    files = sorted(glob.glob("configs/Detectron2/*.yaml"))
+    assert len(files) == 4
+    for f in files:
+        cfg = add_mdkd_config(get_cfg())
+        cfg.merge_from_file(f)
+        assert cfg.DATASETS.TRAIN == ("lungct_train",) and cfg.MODEL.ROI_HEADS.NUM_CLASSES == 1
+
+
 def test_import_mdkd_det_does_not_import_detectron2():
     code = ("import sys, mdkd_det, mdkd_det.distill.trainer, mdkd_det.engine.cli, "
             "mdkd_det.pipeline.runner; print('detectron2' in sys.modules)")

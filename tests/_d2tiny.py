@@ -65,8 +65,9 @@ def joint_opts(teachers):
 
 
 def write_joint_teacher(tmp, teachers):
-    """A joint teacher (FusionBackbone over ``teachers``) config file and checkpoint."""
-    cfg = tiny_d2_cfg(tmp / "joint", *joint_opts(teachers))
+    """A joint teacher (FusionBackbone over ``teachers``) config file and checkpoint; its maps
+    have 48 channels (the student's 32), so the distiller has real 1x1 connectors (A3)."""
+    cfg = tiny_d2_cfg(tmp / "joint", *joint_opts(teachers), "FUSION.OUT_CHANNELS", 48)
     path = tmp / "joint.yaml"
     path.write_text(cfg.dump())
     return str(path), save(build_d2_model(cfg), tmp / "joint.pth")

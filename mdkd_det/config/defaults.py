@@ -48,6 +48,22 @@ _C.MODEL.BACKBONE.TIMM_OUT_INDICES = [1, 2, 3, 4]
 _C.MODEL.FPN = CN()
 _C.MODEL.FPN.OUT_CHANNELS = 256
 
+# Segmentation models (MODEL.TASK "segmentation"; META_ARCHITECTURE "unet" / "tresunet"; §4.2).
+_C.MODEL.SEG = CN()
+# Task loss: "dice_bce" (Eq. 10; students, baselines) or "dice" (Eq. 1; Stage-1/2 teachers).
+_C.MODEL.SEG.LOSS = "dice_bce"
+_C.MODEL.SEG.DICE_SMOOTH = 1.0  # C16 proposal
+# Foreground threshold on the sigmoid probability for the metrics.
+_C.MODEL.SEG.THRESHOLD = 0.5
+# UNet ("unet_encoder"): channels of the finest level (paper UNet 64) and number of poolings.
+_C.MODEL.SEG.BASE_CHANNELS = 16
+_C.MODEL.SEG.DEPTH = 4
+# TResUNet ("tresunet_encoder"): bottleneck transformer width/layers/heads, dilation rates.
+_C.MODEL.SEG.TRANSFORMER_DIM = 256
+_C.MODEL.SEG.TRANSFORMER_LAYERS = 2
+_C.MODEL.SEG.TRANSFORMER_HEADS = 4
+_C.MODEL.SEG.DILATIONS = [1, 2, 3]
+
 _C.MODEL.ANCHOR_GENERATOR = CN()
 # One tuple of sizes (px, on the resized input) per FPN level, small first. Defaults suit
 # 8-40 px nodules at ~256-512 px inputs.
@@ -207,6 +223,7 @@ _C.ADVERSARIAL.TARGET_IMS_PER_BATCH = 2
 _C.FUSION = CN()
 # Fusion op in FUSION_REGISTRY: "concat1x1" (paper, detection) or "cross_attention" (A5).
 _C.FUSION.OP = "concat1x1"
+# Channels of every fused map; 0 = each level keeps teacher 0's channels (seg, A5).
 _C.FUSION.OUT_CHANNELS = 256
 # Teacher detector checkpoints (Stage-1 model_final.pth files) and their backbone names.
 _C.FUSION.TEACHERS = ()
@@ -214,6 +231,14 @@ _C.FUSION.TEACHER_BACKBONES = ()
 # Per-teacher input normalisation (list of [r, g, b] lists; empty = MODEL.PIXEL_MEAN/STD).
 _C.FUSION.TEACHER_PIXEL_MEAN = []
 _C.FUSION.TEACHER_PIXEL_STD = []
+# How teacher k's maps are paired with teacher 0's levels: "keys" (same names and strides,
+# required) or "stride" (nearest stride, maps resized to teacher 0's size): the latter lets a
+# segmentation joint teacher fuse CT detection backbones (FPN levels) with seg encoders.
+_C.FUSION.LEVEL_MATCH = "keys"
+# Extra frozen teachers appended after FUSION.TEACHERS (checkpoints + backbone names), e.g.
+# cross-task detection teachers ("resnet18_fpn" from an MDKD detection run) for a seg joint teacher.
+_C.FUSION.EXTRA_TEACHERS = ()
+_C.FUSION.EXTRA_TEACHER_BACKBONES = ()
 
 # --------------------------------------------------------------------------------------------
 # Stage 3: distillation (paper Eq. 24, §6.3; notes C27-C35, A1-A4, A8, A10, A26, A27)

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..modeling.registry import Registry
-from .taps import register_detector_taps, teacher_roi_outputs
+from .taps import Tap, register_detector_taps, teacher_roi_outputs
 
 KD_ADAPTER_REGISTRY = Registry("KD_ADAPTER", entry_point_group="mdkd_det.kd_adapters")
 
@@ -91,6 +91,33 @@ class TorchvisionFasterRCNNAdapter:
         if sampled is not None:
             emb, logits = teacher_roi_outputs(teacher, feats, sampled[0], image_list.image_sizes)
         return KDInputs(features=feats, region_embeddings=emb, region_logits=logits)
+
+
+@KD_ADAPTER_REGISTRY.register("encoder_features")
+class EncoderFeaturesAdapter:
+    """Feature-only KD for models whose ``backbone`` is called once per forward on the
+    normalised batch (segmenters: encoder levels + bottleneck, paper C15; any model with a
+    multi-level :class:`~mdkd_det.modeling.backbone.Backbone`).
+
+    Student records: the backbone's input (the normalised, padded batch ``[B, C, H, W]``) and
+    its output maps. The teacher's backbone runs on that same tensor under ``torch.no_grad``
+    (for a joint teacher this is its :class:`FusionBackbone`, whose :class:`TeacherInput`
+    re-normalises per teacher). No region terms: ``region_*`` are None, so the distiller
+    computes only Con / FAlgn / CosSim / Att (Eq. 9: no output-level KD for seg, A30).
+    """
+
+    def student_taps(self) -> Dict[str, object]:
+        """``{"features": backbone output, "backbone_input": backbone input}``."""
+        return {"features": "backbone", "backbone_input": Tap("backbone", "input")}
+
+    def student_inputs(self, rec) -> KDInputs:
+        """Student maps ``OrderedDict[level, Tensor[B, C_l, H_l, W_l]]`` (with autograd)."""
+        return KDInputs(features=rec["features"])
+
+    def teacher_inputs(self, teacher: nn.Module, rec) -> KDInputs:
+        """Teacher maps on the student's backbone input, under ``torch.no_grad``."""
+        with torch.no_grad():
+            return KDInputs(features=_unwrap(teacher).backbone(rec["backbone_input"]))
 
 
 def build_kd_adapter(name: str):

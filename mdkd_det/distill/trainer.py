@@ -82,8 +82,12 @@ def _embedding_dim(model: nn.Module) -> Optional[int]:
 def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module) -> Distiller:
     """Distiller for ``student``/``teacher`` from ``cfg.KD`` (weights, schedules, options)."""
     arch = cfg.MODEL.META_ARCHITECTURE
-    if arch not in ADAPTER_FOR_ARCH:
-        raise ConfigError(f"MODEL.META_ARCHITECTURE '{arch}' has no KD adapter; known: {sorted(ADAPTER_FOR_ARCH)}")
+    s_unwrapped = student.module if hasattr(student, "module") else student
+    # The model may name its own adapter (segmenters: "encoder_features"); else by architecture.
+    adapter_name = ADAPTER_FOR_ARCH.get(arch) or getattr(s_unwrapped, "kd_adapter", None)
+    if adapter_name is None:
+        raise ConfigError(f"MODEL.META_ARCHITECTURE '{arch}' has no KD adapter (no ADAPTER_FOR_ARCH "
+                          f"entry {sorted(ADAPTER_FOR_ARCH)} and no model attribute 'kd_adapter')")
     kd = cfg.KD
     cf = build_schedule(kd.CF.SCHEDULE, **(
         {"value": kd.CF.MAX} if kd.CF.SCHEDULE == "constant"
@@ -100,10 +104,9 @@ def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module) -> Dis
                                  warmup=kd.BETA_RAMP.WARMUP, ramp=kd.BETA_RAMP.RAMP)
     elif kd.BETA_SCHEDULE != "constant":
         raise ConfigError(f"KD.BETA_SCHEDULE must be 'constant' or 'beta', got '{kd.BETA_SCHEDULE}'")
-    s_unwrapped = student.module if hasattr(student, "module") else student
     distiller = Distiller(
         teacher=teacher,
-        adapter=build_kd_adapter(ADAPTER_FOR_ARCH[arch]),
+        adapter=build_kd_adapter(adapter_name),
         student_shapes=s_unwrapped.backbone.output_shape(),
         teacher_shapes=teacher.backbone.output_shape(),
         student_emb_dim=_embedding_dim(s_unwrapped),

@@ -116,6 +116,7 @@ class PipelineRunner:
             c.KD.TEACHER_WEIGHTS = os.path.join(self.stage_dir("joint_teacher"), "model_final.pth")
         else:
             raise ConfigError(f"unknown stage '{stage}'")
+        self.task.configure_stage(c, stage, source)
         c.SOLVER.CHECKPOINT_PERIOD = min(int(c.SOLVER.CHECKPOINT_PERIOD), int(c.SOLVER.MAX_ITER))
         c.OUTPUT_DIR = self.stage_dir(stage, source)
         c.freeze()

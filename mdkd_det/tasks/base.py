@@ -61,6 +61,12 @@ class Task:
         ``output_dir``; return ``{result_key: {metric: value}, ...}``."""
         raise NotImplementedError
 
+    def configure_stage(self, cfg, stage: str, source: Optional[str] = None) -> None:
+        """Task-specific delta of one pipeline stage's config (unfrozen ``cfg``, edited in
+        place), applied by :class:`~mdkd_det.pipeline.PipelineRunner` after its own delta.
+        ``stage`` is a pipeline stage name (``"source_teacher"`` with ``source`` for Stage 1).
+        Default: nothing (detection)."""
+
     def paper_reference(self, cfg, target: str) -> Tuple[str, Dict[str, Tuple[float, ...]]]:
         """``(caption, {row: values in row_metrics order})`` of the paper's table for this task,
         architecture and target dataset, or ``("", {})`` when the paper has none."""

@@ -17,9 +17,10 @@ backward"). ``no_grad`` costs the same here since the teachers hold no autograd 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import OrderedDict
-from typing import Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -95,23 +96,33 @@ class FusionBackbone(Backbone):
         out_channels: channels of every fused map (paper: fixed number; 256).
         teacher_inputs: one :class:`TeacherInput` (or None = identity) per teacher.
         fusion_kwargs: extra keyword arguments for every fusion operator.
+        level_match: ``"keys"`` (every teacher has teacher 0's keys and strides) or
+            ``"stride"``: for each level of teacher 0, teacher k contributes its map with the
+            nearest stride (log2 distance; ties -> the finer map), resized to teacher 0's H, W
+            by the fusion op. This is how a segmentation joint teacher fuses cross-task CT
+            detection backbones (FPN strides 4..64) with seg encoders (strides 1..16).
+
+    ``out_channels = 0`` keeps teacher 0's channels at every level (seg fusion, A5: "the output
+    keeps the teacher's C_l"); ``self.out_channels`` is then the deepest level's.
 
     Shapes:
-        forward(x: Tensor[B, C, H, W]) -> OrderedDict[name, Tensor[B, out_channels, H/s, W/s]]
+        forward(x: Tensor[B, C, H, W]) -> OrderedDict[name, Tensor[B, C_name, H/s, W/s]]
         with the first teacher's names and strides s (px).
 
     Raises:
-        ValueError: no teachers; a teacher's keys or strides differ from teacher 0's (the
-            message names the teacher index and both key/stride sets); wrong number of
-            ``teacher_inputs``.
+        ValueError: no teachers; with ``level_match="keys"`` a teacher's keys or strides differ
+            from teacher 0's (the message names the teacher index and both key/stride sets);
+            wrong number of ``teacher_inputs``; unknown ``level_match``.
         RegistryError: unknown ``fusion_op``.
     """
 
     def __init__(self, teachers: Sequence[nn.Module], fusion_op: str = "concat1x1",
                  out_channels: int = 256,
                  teacher_inputs: Optional[Sequence[Optional[TeacherInput]]] = None,
-                 fusion_kwargs: Optional[dict] = None) -> None:
+                 fusion_kwargs: Optional[dict] = None, level_match: str = "keys") -> None:
         super().__init__()
+        if level_match not in LEVEL_MATCH_MODES:
+            raise ValueError(f"FusionBackbone: level_match must be one of {LEVEL_MATCH_MODES}, got {level_match!r}")
         teachers = list(teachers)
         if not teachers:
             raise ValueError("FusionBackbone needs at least one teacher backbone")
@@ -122,7 +133,9 @@ class FusionBackbone(Backbone):
                              f"{len(teachers)} teachers")
         shapes = [t.output_shape() for t in teachers]
         ref = shapes[0]
-        for i, s in enumerate(shapes[1:], start=1):
+        self.level_maps = [match_levels_nearest_stride(ref, s) if level_match == "stride"
+                           else {k: k for k in ref} for s in shapes]
+        for i, s in enumerate(shapes[1:] if level_match == "keys" else [], start=1):
             if list(s) != list(ref):
                 raise ValueError(f"FusionBackbone: teacher {i} has output keys {list(s)}, "
                                  f"teacher 0 has {list(ref)}; teachers must share key sets")
@@ -138,14 +151,14 @@ class FusionBackbone(Backbone):
         self.teachers.requires_grad_(False)
         self.teachers.eval()
         self.fusion_op_name = fusion_op
-        self.out_channels = int(out_channels)
         self.fusion = nn.ModuleDict()
         for name, spec in ref.items():
-            in_ch = [s[name].channels for s in shapes]
-            self.fusion[name] = build_fusion_op(fusion_op, in_ch, self.out_channels,
-                                                **(fusion_kwargs or {}))
-            self._out_feature_channels[name] = self.out_channels
+            in_ch = [s[m[name]].channels for s, m in zip(shapes, self.level_maps)]
+            out_ch = int(out_channels) or int(spec.channels)
+            self.fusion[name] = build_fusion_op(fusion_op, in_ch, out_ch, **(fusion_kwargs or {}))
+            self._out_feature_channels[name] = out_ch
             self._out_feature_strides[name] = int(spec.stride)
+        self.out_channels = int(out_channels) or self._out_feature_channels[list(ref)[-1]]
 
     @property
     def num_teachers(self) -> int:
@@ -173,8 +186,26 @@ class FusionBackbone(Backbone):
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         feats = self.teacher_features(x)
         return OrderedDict(
-            (name, op([f[name] for f in feats])) for name, op in self.fusion.items()
+            (name, op([f[m[name]] for f, m in zip(feats, self.level_maps)]))
+            for name, op in self.fusion.items()
         )
+
+
+LEVEL_MATCH_MODES = ("keys", "stride")
+
+
+def match_levels_nearest_stride(ref: Mapping, other: Mapping) -> Dict[str, str]:
+    """``{ref level: other level}`` pairing each level of ``ref`` with the level of ``other``
+    whose stride is nearest in log2 (ties -> the finer one).
+
+    Args:
+        ref, other: ``{name: ShapeSpec}`` (``output_shape()``), strides in px.
+    """
+    out = {}
+    for name, spec in ref.items():
+        out[name] = min(other, key=lambda k: (abs(math.log2(other[k].stride) - math.log2(spec.stride)),
+                                              other[k].stride))
+    return out
 
 
 def _read_checkpoint(path: str) -> dict:
@@ -300,6 +331,13 @@ def build_fusion_backbone(cfg) -> FusionBackbone:
                           "teacher backbone (target teacher first)")
     names = _per_teacher(names, n, "FUSION.TEACHER_BACKBONES", None)
     ckpts = _per_teacher(ckpts, n, "FUSION.TEACHERS", "") if ckpts else [""] * n
+    extra, extra_names = list(get("EXTRA_TEACHERS", [])), list(get("EXTRA_TEACHER_BACKBONES", []))
+    if extra:
+        ckpts += extra
+        names += _per_teacher(extra_names, len(extra), "FUSION.EXTRA_TEACHER_BACKBONES", None)
+        if None in names:
+            raise ConfigError("FUSION.EXTRA_TEACHERS needs FUSION.EXTRA_TEACHER_BACKBONES (registry names)")
+        n = len(ckpts)
     if "fusion" in names:
         raise ConfigError("FUSION.TEACHER_BACKBONES must not contain 'fusion'")
     means = _per_teacher(get("TEACHER_PIXEL_MEAN", []), n, "FUSION.TEACHER_PIXEL_MEAN",
@@ -319,4 +357,5 @@ def build_fusion_backbone(cfg) -> FusionBackbone:
         teachers.append(t)
         inputs.append(TeacherInput(means[i], stds[i], cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD))
     return FusionBackbone(teachers, fusion_op=get("OP", "concat1x1"),
-                          out_channels=int(get("OUT_CHANNELS", 256)), teacher_inputs=inputs)
+                          out_channels=int(get("OUT_CHANNELS", 256)), teacher_inputs=inputs,
+                          level_match=str(get("LEVEL_MATCH", "keys")))

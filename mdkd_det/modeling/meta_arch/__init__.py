@@ -1,3 +1,3 @@
 """Detector builders (registered in ``DETECTOR_REGISTRY``)."""
 
-from . import faster_rcnn  # noqa: F401
+from . import faster_rcnn, segmenter  # noqa: F401

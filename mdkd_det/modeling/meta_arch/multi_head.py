@@ -4,7 +4,9 @@
 :class:`~mdkd_det.modeling.backbone.Backbone` instance is shared by D torchvision ``FasterRCNN``
 detectors (one per dataset, each built by :func:`build_faster_rcnn` with ``backbone=shared``),
 so each dataset has its own RPN and RoI heads while the backbone (and FPN) receive the
-gradients of every dataset.
+gradients of every dataset. The heads are built by ``MODEL.META_ARCHITECTURE`` from
+``DETECTOR_REGISTRY``, so the same class gives the segmentation multi-head baseline (shared
+encoder, one decoder per dataset) for ``"unet"`` / ``"tresunet"``.
 
 ``head(name)`` is an ordinary torchvision ``FasterRCNN`` (its ``state_dict`` loads with
 ``strict=True`` into a plain detector built from the same config), usable by ``do_test`` and
@@ -23,7 +25,8 @@ from torch import nn
 
 from ...utils.errors import ConfigError
 from ..backbone import Backbone, build_backbone
-from .faster_rcnn import build_faster_rcnn
+from ..registry import DETECTOR_REGISTRY
+from . import faster_rcnn  # noqa: F401  (registers "faster_rcnn")
 
 __all__ = ["MultiHeadFasterRCNN", "head_key"]
 
@@ -72,7 +75,9 @@ class MultiHeadFasterRCNN(nn.Module):
         shared = backbone if backbone is not None else build_backbone(cfg)
         self.dataset_names: List[str] = names
         self._keys: Dict[str, str] = dict(zip(names, keys))
-        self.detectors = nn.ModuleDict({self._keys[n]: build_faster_rcnn(cfg, backbone=shared) for n in names})
+        # Any registered model taking ``backbone=``: Faster R-CNN heads, or seg decoders (C38).
+        build = DETECTOR_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+        self.detectors = nn.ModuleDict({self._keys[n]: build(cfg, backbone=shared) for n in names})
 
     @property
     def backbone(self) -> nn.Module:

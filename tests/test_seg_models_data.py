@@ -1,7 +1,6 @@
 """Segmentation models (UNet, TResUNet, joint teacher on FusionBackbone incl. a CT detection
 backbone) and the MSD lung / box-mask datasets on the real shared data."""
 
-import numpy as np
 import pytest
 import torch
 

@@ -37,7 +37,7 @@ from __future__ import annotations
 import functools
 import os
 import random
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, List, Sequence, Tuple
 
 import numpy as np
 

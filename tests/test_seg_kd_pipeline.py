@@ -83,7 +83,7 @@ def test_seg_pipeline_few_iterations_writes_all_rows(tmp_path, data_root):
         "KD.CF.WARMUP", 1.0, "KD.CF.RAMP", 1.0, "LOG_PERIOD", 1,
         "PIPELINE.ITERS.MULTI_HEAD", 1, "PIPELINE.ITERS.DATASET_SPECIFIC", 2,
         "PIPELINE.ITERS.TARGET_TEACHER", 1, "PIPELINE.ITERS.SOURCE_TEACHER", 1,
-        "PIPELINE.ITERS.JOINT_TEACHER", 1, "PIPELINE.ITERS.STUDENT", 3,
+        "PIPELINE.ITERS.JOINT_TEACHER", 1, "PIPELINE.ITERS.STUDENT", 3, "PIPELINE.VAL_PERIOD", 2,
     ])
     f = tmp_path / "seg.yaml"
     f.write_text(cfg.dump())
@@ -92,8 +92,14 @@ def test_seg_pipeline_few_iterations_writes_all_rows(tmp_path, data_root):
     assert res["task"] == "segmentation" and res["eval_dataset"] == "msd_lung_test"
     assert res["metrics"] == ["IoU", "DSC", "precision", "recall", "HD95"]
     assert set(res["rows"]) == {"multi_head", "dataset_specific", "joint_teacher", "student"}
-    for row in res["rows"].values():
+    for key, row in res["rows"].items():
         assert all(row[m] is not None for m in res["metrics"])
+        # selected on the hold-out (msd_lung_val) by DSC, reported on msd_lung_test
+        assert row["selected_by"]["dataset"] == "msd_lung_val", key
+        assert row["selected_by"]["metric"] == "sem_seg/DSC"
+    assert res["rows"]["dataset_specific"]["checkpoint"].endswith("dataset_specific/model_best.pth")
+    assert (out / "dataset_specific" / "inference" / "msd_lung_test" / "seg_metrics.json").is_file()
+    assert (out / "dataset_specific" / "inference" / "msd_lung_val" / "seg_metrics.json").is_file()
     for stage in ("source_teacher_lungct_train_boxmask", "source_teacher_lung_pet_ct_dx_all_boxmask"):
         assert stage in res["wall_time_s"]
     md = (out / "results.md").read_text()
@@ -102,6 +108,7 @@ def test_seg_pipeline_few_iterations_writes_all_rows(tmp_path, data_root):
     assert 'LOSS: dice\n' in (out / "target_teacher" / "config.yaml").read_text()
     jt = (out / "joint_teacher" / "config.yaml").read_text()
     assert "source_teacher_lungct_train_boxmask/model_final.pth" in jt and "cross_attention" in jt
+    assert "target_teacher/model_best.pth" in jt  # the selected Stage-1 target teacher
     metrics = [json.loads(line) for line in (out / "student" / "metrics.json").read_text().splitlines()]
     assert any("loss_FAlgn" in m for m in metrics) and any("loss_domain" in json.loads(line) for line in
                (out / "source_teacher_lungct_train_boxmask" / "metrics.json").read_text().splitlines())

@@ -311,3 +311,9 @@ _C.PIPELINE.JOINT_TEACHER_BASE_LR = 0.0
 _C.PIPELINE.REUSE_TARGET_TEACHER_AS_BASELINE = False
 # Stages to retrain even if their checkpoint exists.
 _C.PIPELINE.RERUN = ()
+# Validation dataset for model selection ("" = rows from each stage's final model). When set,
+# every evaluated stage validates on it every VAL_PERIOD iterations (0 = TEST.EVAL_PERIOD, and
+# always at the end), keeps model_best.pth by the task's primary metric, and reports that model
+# on DATASETS.TEST[0]; later stages load the selected teachers.
+_C.PIPELINE.VAL_DATASET = ""
+_C.PIPELINE.VAL_PERIOD = 0

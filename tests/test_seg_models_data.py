@@ -117,3 +117,28 @@ def test_msd_and_boxmask_datasets(data_root):
     plain = mapper(train[0])
     assert torch.equal(a["target"]["masks"], plain["target"]["masks"].flip(-1))
     assert torch.allclose(a["image"], plain["image"].flip(-1))
+
+
+@pytest.mark.parametrize("r", [1.0, 0.0])
+def test_domain_adversarial_step_on_a_segmenter(r):
+    """Stage 1 (Eqs. 1-2 with Dice): the shared DATrainer + DomainAdversarialHead on the
+    bottleneck of an unmodified segmenter; r = 0 sends the target through the encoder only."""
+    from mdkd_det.engine.adversarial import DATrainer, build_domain_adversarial_head
+    from mdkd_det.solver import build_optimizer
+
+    cfg = seg_cfg(**{"MODEL.SEG.LOSS": "dice"})
+    model = build_model(cfg)
+    head = build_domain_adversarial_head(cfg, model)
+    assert head.discriminator.in_channels == model.backbone.output_shape()["bottleneck"].channels
+    images, targets = _batch(4)
+    batch = {"source": [{"image": i, "target": t} for i, t in zip(images[:2], targets[:2])],
+             "target": [{"image": i, "target": t} for i, t in zip(images[2:], targets[2:])]}
+    opt = build_optimizer(cfg, list(model.parameters()) + list(head.parameters()))
+    trainer = DATrainer(model, [batch], opt, da_head=head, r=r, total_iters=10)
+    trainer.iter = 5  # lambda(0.5) > 0
+    losses = trainer.compute_losses(batch)
+    expected = {"loss_dice", "loss_domain"} | ({"tgt_loss_dice"} if r else set())
+    assert set(losses) == expected
+    sum(losses.values()).backward()
+    assert head.discriminator.fc.weight.grad is not None
+    assert model.backbone.blocks[0][0].weight.grad is not None

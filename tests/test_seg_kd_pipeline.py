@@ -112,3 +112,29 @@ def test_seg_pipeline_few_iterations_writes_all_rows(tmp_path, data_root):
     metrics = [json.loads(line) for line in (out / "student" / "metrics.json").read_text().splitlines()]
     assert any("loss_FAlgn" in m for m in metrics) and any("loss_domain" in json.loads(line) for line in
                (out / "source_teacher_lungct_train_boxmask" / "metrics.json").read_text().splitlines())
+
+
+def test_tresunet_teachers_for_a_unet_student(tmp_path):
+    """Table 5 setting: teacher stages become TResUNet; the UNet student distils the fused
+    TResUNet teachers on the strides they share."""
+    from mdkd_det.pipeline import PipelineRunner
+
+    cfg = _kd_cfg()
+    cfg.merge_from_list(["OUTPUT_DIR", str(tmp_path), "PIPELINE.TEACHER_BACKBONE", "tresunet_encoder",
+                         "MODEL.SEG.TRANSFORMER_DIM", 32, "MODEL.SEG.TRANSFORMER_HEADS", 2,
+                         "PIPELINE.VAL_DATASET", ""])
+    runner = PipelineRunner(cfg)
+    tt = runner.stage_cfg("target_teacher")
+    assert (tt.MODEL.META_ARCHITECTURE, tt.MODEL.BACKBONE.NAME, tt.MODEL.SEG.LOSS) == \
+        ("tresunet", "tresunet_encoder", "dice")
+    ds = runner.stage_cfg("dataset_specific")
+    assert (ds.MODEL.META_ARCHITECTURE, ds.MODEL.SEG.LOSS) == ("unet", "dice_bce")
+    jt = runner.stage_cfg("joint_teacher").clone()
+    jt.defrost()
+    jt.FUSION.TEACHERS = ("",)  # one random TResUNet teacher (no Stage-1 run here)
+    teacher = build_model(jt)
+    assert teacher.decoder.blocks[0].__class__.__name__ == "ResidualBlock"
+    distiller = build_distiller(cfg, build_model(cfg), teacher)
+    assert distiller.level_pairs == {"enc2": "enc1", "enc3": "enc2", "enc4": "enc3", "bottleneck": "bottleneck"}
+    caption, rows = runner.task.paper_reference(cfg, "msd_lung_train")
+    assert "Table 5" in caption and rows["student"][1] == 91.43

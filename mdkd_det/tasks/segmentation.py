@@ -37,8 +37,13 @@ PAPER_LUNG_MSD = {
         "student": _paper(89.79, 92.36, 93.67, 95.14, 5.02)}),
 }
 
+#: paper Table 5: TResUNet teachers (Table 3 joint teacher) -> UNet student; baselines = Table 4.
+PAPER_TABLE5_STUDENT = _paper(89.02, 91.43, 92.53, 95.62, 5.12)
+
 #: stages whose model is a Stage-1/2 teacher: task loss Dice (Eq. 1; Alg. 1 l. 7, 17, 36).
 TEACHER_STAGES = ("target_teacher", "source_teacher", "joint_teacher")
+#: meta-architecture of the teachers per ``PIPELINE.TEACHER_BACKBONE`` (encoder + its decoder).
+ARCH_OF_ENCODER = {"unet_encoder": "unet", "tresunet_encoder": "tresunet"}
 
 
 @TASK_REGISTRY.register("segmentation")
@@ -94,11 +99,22 @@ class SegmentationTask(Task):
         """Paper Table 3 (TResUNet) / Table 4 (UNet) Lung MSD rows when the target is MSD lung."""
         if not target.startswith("msd_lung"):
             return "", {}
-        return PAPER_LUNG_MSD.get(cfg.MODEL.META_ARCHITECTURE, ("", {}))
+        student = cfg.MODEL.META_ARCHITECTURE
+        teacher = ARCH_OF_ENCODER.get(cfg.PIPELINE.TEACHER_BACKBONE, student)
+        if student == "unet" and teacher == "tresunet":
+            rows = dict(PAPER_LUNG_MSD["unet"][1], joint_teacher=PAPER_LUNG_MSD["tresunet"][1]["joint_teacher"],
+                        student=PAPER_TABLE5_STUDENT)
+            return "paper Table 5, Lung MSD (TResUNet teachers -> UNet student)", rows
+        return PAPER_LUNG_MSD.get(student, ("", {}))
 
     def configure_stage(self, cfg, stage: str, source: Optional[str] = None) -> None:
-        """Teachers (target, source, joint) train with Dice (Eq. 1, Alg. 1 l. 7/17/36); the
-        dataset-specific baseline, multi-head baseline and student keep ``MODEL.SEG.LOSS``
-        (DiceBCE, Eq. 10 / C37)."""
+        """Teachers (target, source, joint) train with Dice (Eq. 1, Alg. 1 l. 7/17/36) and use
+        the architecture of ``PIPELINE.TEACHER_BACKBONE`` (``tresunet_encoder`` -> "tresunet":
+        TResUNet teachers for a UNet student, paper Table 5); the dataset-specific baseline,
+        multi-head baseline and student keep ``MODEL.*`` and ``MODEL.SEG.LOSS`` (DiceBCE, Eq. 10
+        / C37)."""
         if stage in TEACHER_STAGES:
             cfg.MODEL.SEG.LOSS = "dice"
+            arch = ARCH_OF_ENCODER.get(cfg.PIPELINE.TEACHER_BACKBONE)
+            if arch:
+                cfg.MODEL.META_ARCHITECTURE = arch

@@ -95,22 +95,27 @@ class FusionBackbone(Backbone):
         out_channels: channels of every fused map (paper: fixed number; 256).
         teacher_inputs: one :class:`TeacherInput` (or None = identity) per teacher.
         fusion_kwargs: extra keyword arguments for every fusion operator.
+        levels: teacher levels to fuse (default all); e.g. only the last-stage map for the
+            classification joint teacher (A6).
 
     Shapes:
         forward(x: Tensor[B, C, H, W]) -> OrderedDict[name, Tensor[B, out_channels, H/s, W/s]]
-        with the first teacher's names and strides s (px).
+        with the first teacher's names and strides s (px). An operator with ``output_names``
+        (e.g. "fa_blocks") returns several maps per level; they become levels named
+        ``output_names`` (prefixed ``"<level>_"`` when more than one level is fused).
 
     Raises:
         ValueError: no teachers; a teacher's keys or strides differ from teacher 0's (the
             message names the teacher index and both key/stride sets); wrong number of
-            ``teacher_inputs``.
+            ``teacher_inputs``; a ``levels`` name that is not a teacher level.
         RegistryError: unknown ``fusion_op``.
     """
 
     def __init__(self, teachers: Sequence[nn.Module], fusion_op: str = "concat1x1",
                  out_channels: int = 256,
                  teacher_inputs: Optional[Sequence[Optional[TeacherInput]]] = None,
-                 fusion_kwargs: Optional[dict] = None) -> None:
+                 fusion_kwargs: Optional[dict] = None,
+                 levels: Optional[Sequence[str]] = None) -> None:
         super().__init__()
         teachers = list(teachers)
         if not teachers:
@@ -139,13 +144,22 @@ class FusionBackbone(Backbone):
         self.teachers.eval()
         self.fusion_op_name = fusion_op
         self.out_channels = int(out_channels)
+        levels = list(ref) if not levels else [str(lv) for lv in levels]
+        bad = [lv for lv in levels if lv not in ref]
+        if bad:
+            raise ValueError(f"FusionBackbone: levels {bad} are not teacher levels {list(ref)}")
         self.fusion = nn.ModuleDict()
-        for name, spec in ref.items():
+        self._out_names = {}
+        for name in levels:
             in_ch = [s[name].channels for s in shapes]
-            self.fusion[name] = build_fusion_op(fusion_op, in_ch, self.out_channels,
-                                                **(fusion_kwargs or {}))
-            self._out_feature_channels[name] = self.out_channels
-            self._out_feature_strides[name] = int(spec.stride)
+            op = build_fusion_op(fusion_op, in_ch, self.out_channels, **(fusion_kwargs or {}))
+            self.fusion[name] = op
+            names = getattr(op, "output_names", None)
+            outs = [name] if names is None else [n if len(levels) == 1 else f"{name}_{n}" for n in names]
+            self._out_names[name] = outs
+            for out in outs:
+                self._out_feature_channels[out] = self.out_channels
+                self._out_feature_strides[out] = int(ref[name].stride)
 
     @property
     def num_teachers(self) -> int:
@@ -172,9 +186,13 @@ class FusionBackbone(Backbone):
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         feats = self.teacher_features(x)
-        return OrderedDict(
-            (name, op([f[name] for f in feats])) for name, op in self.fusion.items()
-        )
+        out = OrderedDict()
+        for name, op in self.fusion.items():
+            fused = op([f[name] for f in feats])
+            if isinstance(fused, torch.Tensor):
+                fused = [fused]
+            out.update(zip(self._out_names[name], fused))
+        return out
 
 
 def _read_checkpoint(path: str) -> dict:
@@ -281,7 +299,9 @@ def build_fusion_backbone(cfg) -> FusionBackbone:
     TEACHER_PIXEL_MEAN`` / ``TEACHER_PIXEL_STD`` (lists of per-teacher lists; ``[]`` = the
     joint model's ``MODEL.PIXEL_MEAN``/``STD``). Teachers are built with the rest of ``cfg``
     (``MODEL.BACKBONE.NORM``, ``MODEL.FPN.OUT_CHANNELS``, ``INPUT.CHANNELS``) and
-    ``MODEL.BACKBONE.PRETRAINED=False`` (weights come from the checkpoints).
+    ``MODEL.BACKBONE.PRETRAINED=False`` (weights come from the checkpoints). ``FUSION.LEVELS``
+    (``[]`` = all) selects the fused levels; an operator with a ``config_kwargs(cfg)``
+    classmethod takes its options from config (``"fa_blocks"``: ``FUSION.FA_BLOCKS`` ...).
 
     Raises:
         ConfigError: no teacher backbones, inconsistent list lengths, or "fusion" as a teacher.
@@ -318,5 +338,11 @@ def build_fusion_backbone(cfg) -> FusionBackbone:
             logger.warning("FUSION teacher %d (%s) has no checkpoint: random weights", i, name)
         teachers.append(t)
         inputs.append(TeacherInput(means[i], stds[i], cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD))
-    return FusionBackbone(teachers, fusion_op=get("OP", "concat1x1"),
-                          out_channels=int(get("OUT_CHANNELS", 256)), teacher_inputs=inputs)
+    from .ops import FUSION_REGISTRY
+
+    op_name = get("OP", "concat1x1")
+    op_cls = FUSION_REGISTRY.get(op_name)
+    # operator options from config, when the operator declares them (e.g. "fa_blocks")
+    kwargs = op_cls.config_kwargs(cfg) if hasattr(op_cls, "config_kwargs") else None
+    return FusionBackbone(teachers, fusion_op=op_name, out_channels=int(get("OUT_CHANNELS", 256)),
+                          teacher_inputs=inputs, fusion_kwargs=kwargs, levels=list(get("LEVELS", ())))

@@ -2,7 +2,9 @@
 
 "Share a common backbone across datasets with dataset-specific detection heads": one
 :class:`~mdkd_det.modeling.backbone.Backbone` instance is shared by D torchvision ``FasterRCNN``
-detectors (one per dataset, each built by :func:`build_faster_rcnn` with ``backbone=shared``),
+detectors (one per dataset, each built by the ``MODEL.META_ARCHITECTURE`` builder of
+``DETECTOR_REGISTRY`` with ``backbone=shared``; e.g. :func:`build_faster_rcnn`, or the image
+classifier for the classification multi-head baseline),
 so each dataset has its own RPN and RoI heads while the backbone (and FPN) receive the
 gradients of every dataset.
 
@@ -23,7 +25,7 @@ from torch import nn
 
 from ...utils.errors import ConfigError
 from ..backbone import Backbone, build_backbone
-from .faster_rcnn import build_faster_rcnn
+from ..registry import DETECTOR_REGISTRY
 
 __all__ = ["MultiHeadFasterRCNN", "head_key"]
 
@@ -72,7 +74,8 @@ class MultiHeadFasterRCNN(nn.Module):
         shared = backbone if backbone is not None else build_backbone(cfg)
         self.dataset_names: List[str] = names
         self._keys: Dict[str, str] = dict(zip(names, keys))
-        self.detectors = nn.ModuleDict({self._keys[n]: build_faster_rcnn(cfg, backbone=shared) for n in names})
+        build = DETECTOR_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+        self.detectors = nn.ModuleDict({self._keys[n]: build(cfg, backbone=shared) for n in names})
 
     @property
     def backbone(self) -> nn.Module:

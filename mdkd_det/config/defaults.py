@@ -151,6 +151,8 @@ _C.DATASETS.LESION_PATCH.NEG_PER_IMAGE = 2  # lesion-free patches per slice
 _C.DATASETS.LESION_PATCH.CONTEXT = 2.0  # crop side = CONTEXT x the longer box side (px)
 _C.DATASETS.LESION_PATCH.MIN_SIDE = 32  # smallest crop side (px, original image)
 _C.DATASETS.LESION_PATCH.SEED = 0
+# Use at most this many slices per domain (seeded sample; 0 = all). For tests and smoke runs.
+_C.DATASETS.LESION_PATCH.MAX_SLICES = 0
 # Patient-level (train, val, test) fractions of every domain.
 _C.DATASETS.LESION_PATCH.FRACTIONS = [0.7, 0.1, 0.2]
 # Cap on the number of training / test images (0 = all). For tests and smoke runs.

@@ -66,7 +66,7 @@ def patch_params(cfg) -> dict:
     """The build parameters of ``cfg.DATASETS.LESION_PATCH`` (plus the window, HU)."""
     p = cfg.DATASETS.LESION_PATCH
     return {"size": int(p.SIZE), "neg_per_image": int(p.NEG_PER_IMAGE), "context": float(p.CONTEXT),
-            "min_side": int(p.MIN_SIDE), "seed": int(p.SEED),
+            "min_side": int(p.MIN_SIDE), "seed": int(p.SEED), "max_slices": int(p.MAX_SLICES),
             "fractions": [float(f) for f in p.FRACTIONS], "window": [float(w) for w in cfg.INPUT.WINDOW]}
 
 
@@ -156,6 +156,9 @@ def build_lesion_patches(cfg, out_dir: str, overwrite: bool = False) -> str:
     images, labels, meta = [], [], []
     for domain, names in DOMAINS.items():
         records = get_dataset_records(cfg, names)
+        if p["max_slices"] and len(records) > p["max_slices"]:
+            keep = sorted(np.random.default_rng(p["seed"]).choice(len(records), p["max_slices"], replace=False))
+            records = [records[i] for i in keep]
         splits = split_by_patient(records, p["fractions"], p["seed"])
         split_of = {id(r): s for s, rs in splits.items() for r in rs}
         n0 = len(images)

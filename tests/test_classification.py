@@ -172,3 +172,94 @@ def test_medvit_backbone_classifier_train_eval(patch_dir):
     model.eval()
     out = model(imgs)
     assert out[0]["scores"].shape == (2,) and torch.allclose(out[0]["scores"].sum(), torch.tensor(1.0))
+
+
+# --- pipeline on real data + t-SNE tool -----------------------------------------------------
+@pytest.mark.timeout(600)
+def test_cls_pipeline_writes_all_rows_and_tsne(tmp_path, patch_dir):
+    import json
+
+    from mdkd_det.engine.cli import main
+
+    out = tmp_path / "mdkd_cls"
+    cfg = cls_cfg(out, patch_dir, **{"SOLVER.MAX_ITER": 1, "PIPELINE.ITERS.MULTI_HEAD": 1,
+                                     "PIPELINE.ITERS.DATASET_SPECIFIC": 2, "PIPELINE.ITERS.TARGET_TEACHER": 2,
+                                     "PIPELINE.ITERS.SOURCE_TEACHER": 1, "PIPELINE.ITERS.JOINT_TEACHER": 1,
+                                     "PIPELINE.ITERS.STUDENT": 2, "SOLVER.CHECKPOINT_PERIOD": 2})
+    cfg_file = tmp_path / "cls.yaml"
+    cfg_file.write_text(cfg.dump())
+    assert main(["--config-file", str(cfg_file)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["task"] == "classification" and res["metrics"] == ["accuracy"]
+    assert set(res["rows"]) == {"multi_head", "dataset_specific", "joint_teacher", "student"}
+    assert all(0 <= row["accuracy"] <= 100 for row in res["rows"].values())
+    md = (out / "results.md").read_text()
+    assert "| Model | Accuracy (%) |" in md and "paper Table 11" in md
+    ev = out / "student" / "inference" / "lesion_patch_lungct_test"
+    cm = json.loads((ev / "confusion_matrix.json").read_text())
+    assert np.asarray(cm["rows_true_cols_pred"]).sum() == 24  # TEST_LIMIT
+    metrics = json.loads((ev / "metrics.json").read_text())["cls"]
+    assert {"accuracy", "recall/no_lesion", "recall/lesion"} <= set(metrics)
+    jcfg = (out / "joint_teacher" / "config.yaml").read_text()
+    assert "fa_blocks" in jcfg and "source_teacher_lesion_patch_deeplesion_all" in jcfg
+    # t-SNE tool: baseline (dataset-specific = target teacher) vs student
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("visualize_embeddings", "tools/visualize_embeddings.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    png = tmp_path / "tsne.png"
+    assert tool.main(["--task", "classification", "--baseline-config", str(out / "target_teacher" / "config.yaml"),
+                      "--student-config", str(out / "student" / "config.yaml"),
+                      "--student-weights", str(out / "student" / "model_student.pth"),
+                      "--max-images", "30", "--out", str(png)]) == 0
+    scores = json.loads(png.with_suffix(".json").read_text())["scores"]
+    assert png.stat().st_size > 1000 and set(scores) == {"Baseline", "Student"}
+    assert all(-1 <= s["silhouette"] <= 1 for s in scores.values())
+
+
+def test_tsne_segmentation_standin_and_separation(tmp_path):
+    from mdkd_det.evaluation.embeddings import segmentation_embeddings, tsne_compare
+
+    torch.manual_seed(0)
+
+    class _Seg(nn.Module):  # the generic contract: model.backbone(x) -> OrderedDict, last = bottleneck
+        def __init__(self):
+            super().__init__()
+            self.backbone = _TinyBackbone(c=6)
+
+    images = torch.rand(4, 3, 32, 32)
+    masks = torch.zeros(4, 1, 32, 32)
+    masks[:, :, 8:24, 8:24] = 1
+    emb, y = segmentation_embeddings(_Seg(), images, masks)
+    assert emb.shape == (4 * 4 * 4, 6) and set(np.unique(y)) == {0, 1}
+    assert y.reshape(4, 4, 4)[0, 1, 1] == 1 and y.reshape(4, 4, 4)[0, 0, 0] == 0
+    rng = np.random.default_rng(0)
+    yy = np.repeat([0, 1], 40)
+    separated = rng.normal(size=(80, 8))
+    separated[:, 0] += np.where(yy == 1, 6.0, -6.0)
+    mixed = rng.normal(size=(80, 8))
+    scores = tsne_compare({"baseline": (mixed, yy), "student": (separated, yy)}, ["bg", "fg"],
+                          str(tmp_path / "t.png"), per_class=40)
+    assert (tmp_path / "t.png").stat().st_size > 1000 and (tmp_path / "t.json").is_file()
+    assert scores["student"]["silhouette"] > 0.5 > scores["baseline"]["silhouette"]
+    assert scores["student"]["silhouette_tsne"] > scores["baseline"]["silhouette_tsne"]
+
+
+def test_tsne_detection_roi_embeddings(tmp_path, data_root):
+    from _tiny import tiny_cfg
+
+    from mdkd_det.data.build import get_dataset_records
+    from mdkd_det.data.mapper import DatasetMapper
+    from mdkd_det.engine.defaults import build_model
+    from mdkd_det.evaluation.embeddings import detection_embeddings
+
+    cfg = tiny_cfg(tmp_path)
+    model = build_model(cfg)
+    mapper = DatasetMapper(cfg, is_train=False)
+    items = [mapper(r) for r in get_dataset_records(cfg, ["lungct_valid"], 2)]
+    gts = [d["target"]["boxes"] for d in items]
+    gts[0] = torch.tensor([[0.0, 0.0, 512.0, 512.0]])  # whole image: every proposal is fg (IoU scaled)
+    emb, y = detection_embeddings(model, [d["image"] for d in items], gts, fg_iou=0.0001, bg_iou=0.0)
+    assert emb.ndim == 2 and emb.shape[1] == cfg.MODEL.ROI_HEADS.MLP_HEAD_DIM and len(y) == len(emb)
+    assert y.sum() > 0 and set(np.unique(y)) <= {0, 1}

@@ -12,7 +12,10 @@ its last output. A6, as implemented:
 3. FA block 1: ``Conv1x1((m+1)*joint_ch -> joint_ch)``, then a pre-norm transformer block over
    the h*w tokens (LayerNorm -> multi-head self-attention with ``joint_ch/64`` heads and
    attention dropout -> residual; LayerNorm -> MLP ratio 4 with dropout -> residual);
-4. FA blocks 2..N: the same transformer block at ``joint_ch``.
+4. FA blocks 2..N: the same transformer block at ``joint_ch``;
+5. every block ends with a LayerNorm of its output tokens (our addition to A6: the FA outputs
+   are the maps Stage 3 distils with FAlgn, an MSE; without it the residual stream grew to a
+   raw FAlgn of about 13 against a CE of 0.3 in the demo, so FAlgn dominated Eq. 16).
 
 Every block's output is returned (``output_names`` = ``fa1``..``faN``), so the FusionBackbone
 exposes the FA blocks as its levels: the classifier reads the last, and Stage-3 early-k / late-k
@@ -30,7 +33,8 @@ from .ops import FUSION_REGISTRY, _check_in_channels, align_maps, attention_head
 
 
 class FusionAttentionBlock(nn.Module):
-    """One FA block (A6 step 3/4): optional Conv1x1 reduction + pre-norm transformer block.
+    """One FA block (A6 step 3/4): optional Conv1x1 reduction + pre-norm transformer block +
+    output LayerNorm (step 5).
 
     Args:
         in_channels: input channels ((m+1)*joint_ch for block 1, joint_ch after).
@@ -53,6 +57,7 @@ class FusionAttentionBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(hidden, channels), nn.Dropout(dropout))
         self.drop = nn.Dropout(dropout)
+        self.norm_out = nn.LayerNorm(channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         x = self.reduce(x)
@@ -60,7 +65,7 @@ class FusionAttentionBlock(nn.Module):
         t = x.flatten(2).transpose(1, 2)  # [B, h*w, C]
         y = self.norm1(t)
         t = t + self.drop(self.attn(y, y, y, need_weights=False)[0])
-        t = t + self.mlp(self.norm2(t))
+        t = self.norm_out(t + self.mlp(self.norm2(t)))
         return t.transpose(1, 2).reshape(b, c, h, w)
 
 

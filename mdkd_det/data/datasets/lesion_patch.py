@@ -18,8 +18,8 @@ else the CT ``series_id``, so LungCT's augmented copies of one series stay toget
 train/val/test with ``FRACTIONS``; patches inherit the split of their slice.
 
 Layout of the output folder: ``patches.npz`` (``images`` uint8 [N, S, S], ``labels`` int64 [N],
-0 = ``no_lesion``, 1 = ``lesion``) and ``manifest.json`` (parameters, data root, per-patch
-domain / split / patient / source file / crop box, counts). Written atomically (temporary
+0 = ``no_lesion``, 1 = ``lesion``) and ``manifest.json`` (parameters, per-patch domain / split /
+patient / source file relative to the data root / crop box in source px, counts). Written atomically (temporary
 folder + rename), so an interrupted build leaves nothing half-written.
 
 Registered names (:func:`register_lesion_patches`): ``lesion_patch_<domain>_<split>`` for split
@@ -151,7 +151,10 @@ def build_lesion_patches(cfg, out_dir: str, overwrite: bool = False) -> str:
 
     if os.path.isfile(os.path.join(out_dir, "manifest.json")) and not overwrite:
         return out_dir
+    from ...utils.env import dataset_root
+
     p = patch_params(cfg)
+    root = os.path.abspath(dataset_root(cfg))
     rng = np.random.default_rng(p["seed"])
     images, labels, meta = [], [], []
     for domain, names in DOMAINS.items():
@@ -170,7 +173,7 @@ def build_lesion_patches(cfg, out_dir: str, overwrite: bool = False) -> str:
                 labels.append(label)
                 meta.append({"domain": domain, "split": split_of[id(r)],
                              "patient_id": str(r.get("patient_id") or r.get("series_id") or r["image_id"]),
-                             "source_file": os.path.relpath(r["file_name"], os.path.dirname(os.path.dirname(r["file_name"]))),
+                             "source_file": os.path.relpath(r["file_name"], root),
                              "source_image_id": str(r["image_id"]), "crop_xyxy": [round(c, 1) for c in crop]})
         if len(images) == n0:
             raise DatasetError(f"lesion patches: domain '{domain}' ({list(names)}) gave no patch")

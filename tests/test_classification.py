@@ -231,9 +231,15 @@ def test_tsne_segmentation_standin_and_separation(tmp_path):
     images = torch.rand(4, 3, 32, 32)
     masks = torch.zeros(4, 1, 32, 32)
     masks[:, :, 8:24, 8:24] = 1
-    emb, y = segmentation_embeddings(_Seg(), images, masks)
+    masks[:, :, 0:8, 24:32] = 1  # half of the bottleneck cell (0, 3) ... its 8x8 cell is full
+    emb, y = segmentation_embeddings(_Seg(), images, masks, resolution="bottleneck")
     assert emb.shape == (4 * 4 * 4, 6) and set(np.unique(y)) == {0, 1}
     assert y.reshape(4, 4, 4)[0, 1, 1] == 1 and y.reshape(4, 4, 4)[0, 0, 0] == 0
+    masks[:, :, 0:8, 24:28] = 0  # cell (0, 3) now half mask: dropped at fg_fraction 0.6
+    emb, y = segmentation_embeddings(_Seg(), images, masks, resolution="bottleneck", fg_fraction=0.6)
+    assert len(y) == 4 * 15
+    emb, y = segmentation_embeddings(_Seg(), images, masks, resolution="image", pixels_per_image=16)
+    assert emb.shape[1] == 6 and (y == 1).sum() == 4 * 8 and (y == 0).sum() == 4 * 8
     rng = np.random.default_rng(0)
     yy = np.repeat([0, 1], 40)
     separated = rng.normal(size=(80, 8))

@@ -75,7 +75,8 @@ def _embeddings(task: str, cfg, model, args):
             masks = torch.from_numpy(f["labels"][:n]).float()
         if int(cfg.INPUT.CHANNELS) != images.shape[1]:
             images = images[:, :1].expand(-1, int(cfg.INPUT.CHANNELS), -1, -1)
-        return E.segmentation_embeddings(model, images, masks), ["background", "foreground"]
+        return E.segmentation_embeddings(model, images, masks, fg_fraction=args.fg_fraction,
+                                         resolution=args.seg_resolution, seed=args.seed), ["background", "foreground"]
     records = _records(cfg, args.dataset, args.max_images, args.seed)
     mapper = get_task(cfg).build_mapper(cfg, is_train=False)
     items = [mapper(r) for r in records]
@@ -92,7 +93,8 @@ def _embeddings(task: str, cfg, model, args):
     if task == "segmentation":
         images = torch.stack([d["image"] for d in items])
         masks = torch.stack([d["target"]["masks"] if "masks" in d["target"] else d["target"]["mask"] for d in items])
-        return E.segmentation_embeddings(model, images, masks), ["background", "foreground"]
+        return E.segmentation_embeddings(model, images, masks, fg_fraction=args.fg_fraction,
+                                         resolution=args.seg_resolution, seed=args.seed), ["background", "foreground"]
     raise ValueError(task)
 
 
@@ -113,6 +115,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--h5", default="", help="segmentation: HDF5 with images/labels arrays")
     p.add_argument("--max-images", type=int, default=400, help="images used (seeded sample; 0 = all)")
     p.add_argument("--per-class", type=int, default=500, help="points per class in the t-SNE")
+    p.add_argument("--seg-resolution", default="image", choices=("image", "bottleneck"),
+                   help="segmentation: bottleneck map upsampled to the mask size, or one row per cell")
+    p.add_argument("--fg-fraction", type=float, default=0.5,
+                   help="segmentation: bottleneck cell is fg when this fraction is mask (0 < f <= 1)")
     p.add_argument("--fg-iou", type=float, default=0.5)
     p.add_argument("--bg-iou", type=float, default=0.3)
     p.add_argument("--seed", type=int, default=0)

@@ -9,6 +9,10 @@ An adapter knows three things about a family and nothing about the KD losses:
    transformed batch and, where regions must correspond, on the student's regions, and return
    :class:`KDInputs` aligned item by item with the student's.
 
+Optionally, 4. ``kd_shapes(student, teacher)`` -> ``(student_shapes, teacher_shapes,
+level_pairs)`` when the distilled levels are not the backbones' own levels paired by stride
+(classification: :mod:`mdkd_det.distill.cls_adapter`).
+
 The :class:`~mdkd_det.distill.distiller.Distiller` consumes ``KDInputs`` only, so the Faster
 R-CNN, RF-DETR, detectron2 and seg/cls paths share every loss and the whole KD step.
 """
@@ -39,11 +43,14 @@ class KDInputs:
             row m of the student paired with row m of the teacher; None if the family has none.
         region_logits: ``Tensor[M, K]`` class logits of the same regions (softmax heads include
             the background logit); None if absent.
+        logits: ``Tensor[B, K]`` image-level class logits (classification; L_KLD, Eq. 15); None
+            if absent.
     """
 
     features: "OrderedDict[str, torch.Tensor]"
     region_embeddings: Optional[torch.Tensor] = None
     region_logits: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -120,10 +127,14 @@ class EncoderFeaturesAdapter:
             return KDInputs(features=_unwrap(teacher).backbone(rec["backbone_input"]))
 
 
-def build_kd_adapter(name: str):
-    """Instantiate the adapter registered as ``name`` (e.g. ``"torchvision_faster_rcnn"``).
+def build_kd_adapter(name: str, cfg=None):
+    """Instantiate the adapter registered as ``name`` (e.g. ``"torchvision_faster_rcnn"``);
+    an adapter class with a ``from_config(cfg)`` classmethod is built from ``cfg``.
 
     Raises:
         RegistryError: unknown name (lists the registered adapters).
     """
-    return KD_ADAPTER_REGISTRY.get(name)()
+    cls = KD_ADAPTER_REGISTRY.get(name)
+    if cfg is not None and hasattr(cls, "from_config"):
+        return cls.from_config(cfg)
+    return cls()

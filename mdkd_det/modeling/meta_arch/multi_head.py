@@ -1,14 +1,13 @@
-"""Multi-head multi-dataset Faster R-CNN: the paper's multi-head baseline (C38).
+"""Multi-head multi-dataset model: the paper's multi-head baseline (C38).
 
 "Share a common backbone across datasets with dataset-specific detection heads": one
-:class:`~mdkd_det.modeling.backbone.Backbone` instance is shared by D torchvision ``FasterRCNN``
-detectors (one per dataset, each built by :func:`build_faster_rcnn` with ``backbone=shared``),
-so each dataset has its own RPN and RoI heads while the backbone (and FPN) receive the
-gradients of every dataset. The heads are built by ``MODEL.META_ARCHITECTURE`` from
-``DETECTOR_REGISTRY``, so the same class gives the segmentation multi-head baseline (shared
-encoder, one decoder per dataset) for ``"unet"`` / ``"tresunet"``.
+:class:`~mdkd_det.modeling.backbone.Backbone` instance is shared by D models (one per dataset),
+each built by the ``MODEL.META_ARCHITECTURE`` builder of ``DETECTOR_REGISTRY`` with
+``backbone=shared``: torchvision ``FasterRCNN`` heads (RPN + RoI head per dataset), UNet
+decoders (``"unet"`` / ``"tresunet"``) or image classifiers (``"image_classifier"``). The
+shared backbone receives the gradients of every dataset.
 
-``head(name)`` is an ordinary torchvision ``FasterRCNN`` (its ``state_dict`` loads with
+``head(name)`` is an ordinary model of that architecture (its ``state_dict`` loads with
 ``strict=True`` into a plain detector built from the same config), usable by ``do_test`` and
 exportable as a Stage-1/baseline checkpoint.
 
@@ -26,7 +25,6 @@ from torch import nn
 from ...utils.errors import ConfigError
 from ..backbone import Backbone, build_backbone
 from ..registry import DETECTOR_REGISTRY
-from . import faster_rcnn  # noqa: F401  (registers "faster_rcnn")
 
 __all__ = ["MultiHeadFasterRCNN", "head_key"]
 

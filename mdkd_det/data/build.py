@@ -17,7 +17,6 @@ from ..utils.env import dataset_root
 from .catalog import DatasetCatalog
 from .datasets.builtin import register_builtin
 from .datasets.validate import check_records
-from .mapper import DatasetMapper
 from .samplers import GroupedBatchSampler, InferenceSampler, TrainingSampler
 
 logger = logging.getLogger(__name__)
@@ -36,6 +35,9 @@ def get_dataset_records(cfg, names: Sequence[str], limit: int = 0) -> List[dict]
 
     register_builtin(dataset_root(cfg), split_seed=int(cfg.DATASETS.SPLIT_SEED),
                      split_fractions=tuple(cfg.DATASETS.SPLIT_FRACTIONS))
+    from ..tasks import get_task  # tasks import data modules: import lazily
+
+    get_task(cfg).register_datasets(cfg)
     records: List[dict] = []
     for name in names:
         recs = DatasetCatalog.get(name)
@@ -66,6 +68,13 @@ class _MappedDataset(Dataset):
         return self.mapper(self.records[item])
 
 
+def _task_mapper(cfg, is_train: bool) -> Callable:
+    """The mapper of ``MODEL.TASK`` (detection: :class:`DatasetMapper`)."""
+    from ..tasks import get_task  # tasks import data modules: import lazily
+
+    return get_task(cfg).build_mapper(cfg, is_train)
+
+
 def trivial_batch_collator(batch: list) -> list:
     """Keep a batch as a list of dicts (images may differ in size; the detector pads)."""
     return batch
@@ -86,7 +95,7 @@ def build_detection_train_loader(
         cfg: config (DATASETS.*, DATALOADER.*, SOLVER.IMS_PER_BATCH, SEED).
         dataset_names: default ``DATASETS.TRAIN``.
         start_iter: resume position in iterations; the stream restarts exactly there.
-        mapper: default ``DatasetMapper(cfg, is_train=True)``.
+        mapper: default: the task's mapper (``MODEL.TASK``; detection: ``DatasetMapper``).
         batch_size: per-process batch; default ``SOLVER.IMS_PER_BATCH / world_size``.
         seed: stream seed; default ``SEED``.
         records: use these records instead of loading ``dataset_names``.
@@ -105,7 +114,7 @@ def build_detection_train_loader(
             raise ValueError(f"SOLVER.IMS_PER_BATCH={total} must be divisible by world size {world}")
         batch_size = total // world
     seed = int(cfg.SEED if seed is None else seed)
-    mapper = mapper or DatasetMapper(cfg, is_train=True)
+    mapper = mapper or _task_mapper(cfg, is_train=True)
     sampler = TrainingSampler(len(records), seed=seed, start=start_iter * batch_size * world,
                               rank=rank, world_size=world)
     if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
@@ -137,7 +146,7 @@ def build_detection_test_loader(cfg, dataset_name: str, mapper: Optional[Callabl
 
     if records is None:
         records = get_dataset_records(cfg, [dataset_name], cfg.DATASETS.TEST_LIMIT)
-    mapper = mapper or DatasetMapper(cfg, is_train=False)
+    mapper = mapper or _task_mapper(cfg, is_train=False)
     sampler = InferenceSampler(len(records), get_rank(), get_world_size())
     return DataLoader(
         _MappedDataset(records, mapper, 0),

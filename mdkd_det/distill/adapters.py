@@ -9,6 +9,10 @@ An adapter knows three things about a family and nothing about the KD losses:
    transformed batch and, where regions must correspond, on the student's regions, and return
    :class:`KDInputs` aligned item by item with the student's.
 
+Optionally, 4. ``kd_shapes(student, teacher)`` -> ``(student_shapes, teacher_shapes,
+level_pairs)`` when the distilled levels are not the backbones' own levels paired by stride
+(classification: :mod:`mdkd_det.distill.cls_adapter`).
+
 The :class:`~mdkd_det.distill.distiller.Distiller` consumes ``KDInputs`` only, so the Faster
 R-CNN, RF-DETR, detectron2 and seg/cls paths share every loss and the whole KD step.
 """
@@ -23,7 +27,7 @@ import torch
 from torch import nn
 
 from ..modeling.registry import Registry
-from .taps import register_detector_taps, teacher_roi_outputs
+from .taps import Tap, register_detector_taps, teacher_roi_outputs
 
 KD_ADAPTER_REGISTRY = Registry("KD_ADAPTER", entry_point_group="mdkd_det.kd_adapters")
 
@@ -39,11 +43,14 @@ class KDInputs:
             row m of the student paired with row m of the teacher; None if the family has none.
         region_logits: ``Tensor[M, K]`` class logits of the same regions (softmax heads include
             the background logit); None if absent.
+        logits: ``Tensor[B, K]`` image-level class logits (classification; L_KLD, Eq. 15); None
+            if absent.
     """
 
     features: "OrderedDict[str, torch.Tensor]"
     region_embeddings: Optional[torch.Tensor] = None
     region_logits: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -124,10 +131,41 @@ class TorchvisionFasterRCNNAdapter(TwoStageAdapter):
         return teacher_roi_outputs(teacher, feats, rec["sampled"][0], rec["images"][0].image_sizes)
 
 
-def build_kd_adapter(name: str):
-    """Instantiate the adapter registered as ``name`` (e.g. ``"torchvision_faster_rcnn"``).
+@KD_ADAPTER_REGISTRY.register("encoder_features")
+class EncoderFeaturesAdapter:
+    """Feature-only KD for models whose ``backbone`` is called once per forward on the
+    normalised batch (segmenters: encoder levels + bottleneck, paper C15; any model with a
+    multi-level :class:`~mdkd_det.modeling.backbone.Backbone`).
+
+    Student records: the backbone's input (the normalised, padded batch ``[B, C, H, W]``) and
+    its output maps. The teacher's backbone runs on that same tensor under ``torch.no_grad``
+    (for a joint teacher this is its :class:`FusionBackbone`, whose :class:`TeacherInput`
+    re-normalises per teacher). No region terms: ``region_*`` are None, so the distiller
+    computes only Con / FAlgn / CosSim / Att (Eq. 9: no output-level KD for seg, A30).
+    """
+
+    def student_taps(self) -> Dict[str, object]:
+        """``{"features": backbone output, "backbone_input": backbone input}``."""
+        return {"features": "backbone", "backbone_input": Tap("backbone", "input")}
+
+    def student_inputs(self, rec) -> KDInputs:
+        """Student maps ``OrderedDict[level, Tensor[B, C_l, H_l, W_l]]`` (with autograd)."""
+        return KDInputs(features=rec["features"])
+
+    def teacher_inputs(self, teacher: nn.Module, rec) -> KDInputs:
+        """Teacher maps on the student's backbone input, under ``torch.no_grad``."""
+        with torch.no_grad():
+            return KDInputs(features=_unwrap(teacher).backbone(rec["backbone_input"]))
+
+
+def build_kd_adapter(name: str, cfg=None):
+    """Instantiate the adapter registered as ``name`` (e.g. ``"torchvision_faster_rcnn"``);
+    an adapter class with a ``from_config(cfg)`` classmethod is built from ``cfg``.
 
     Raises:
         RegistryError: unknown name (lists the registered adapters).
     """
-    return KD_ADAPTER_REGISTRY.get(name)()
+    cls = KD_ADAPTER_REGISTRY.get(name)
+    if cfg is not None and hasattr(cls, "from_config"):
+        return cls.from_config(cfg)
+    return cls()

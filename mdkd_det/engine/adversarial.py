@@ -50,10 +50,11 @@ from ..modeling.domain_adversarial import (
     MultiLevelDomainAdversarial,
 )
 from ..solver import build_optimizer
+from ..tasks import get_task
 from ..utils.errors import ConfigError, DatasetError
 from .checkpointer import unwrap_model
 from . import comm
-from .defaults import DefaultTrainer, check_num_classes, seed_all_rng
+from .defaults import DefaultTrainer, seed_all_rng
 from .events import get_event_storage
 from .launch import create_ddp_model
 from .trainer import SimpleTrainer
@@ -276,6 +277,8 @@ class DomainAdversarialMixin:
             tgt_feats = rec["features"]
             for k, v in tgt_losses.items():
                 losses[f"tgt_{k}"] = self.r * v
+        elif hasattr(inner, "backbone_features"):  # models that own their preprocessing (seg)
+            tgt_feats = inner.backbone_features(tgt_images)
         else:
             image_list, _ = inner.transform(tgt_images)
             tgt_feats = inner.backbone(image_list.tensors)
@@ -355,7 +358,7 @@ class DomainAdversarialTrainer(DefaultTrainer):
         cfg = self.cfg
         loader = build_paired_train_loader(cfg, cfg.ADVERSARIAL.SOURCE, cfg.DATASETS.TRAIN, start_iter)
         for name in list(cfg.ADVERSARIAL.SOURCE) + list(cfg.DATASETS.TRAIN):
-            check_num_classes(cfg, name)
+            get_task(cfg).check_dataset(cfg, name)
         return loader
 
     def build_trainer(self, model, data_loader) -> SimpleTrainer:

@@ -4,7 +4,7 @@
 - :func:`build_model`: ``MODEL.META_ARCHITECTURE`` from ``DETECTOR_REGISTRY``.
 - :class:`DefaultTrainer`: builds model, optimizer, LR schedule, resumable loader, checkpointer
   and hooks from ``cfg``; ``trainer_class`` is the override point for mixins (KD).
-- :func:`do_test`: COCO + FROC evaluation of every ``DATASETS.TEST`` name.
+- :func:`do_test`: the task's evaluation (detection: COCO + FROC) of every ``DATASETS.TEST`` name.
 """
 
 from __future__ import annotations
@@ -21,14 +21,10 @@ import numpy as np
 import torch
 
 from ..config import CfgNode, get_cfg
-from ..data.build import build_detection_test_loader, build_detection_train_loader, get_dataset_records
-from ..data.catalog import MetadataCatalog
-from ..data.mapper import DatasetMapper
-from ..evaluation import COCOEvaluator, inference_on_dataset, print_metrics_table
-from ..evaluation.visualize import save_visualizations
-from ..modeling.meta_arch.faster_rcnn import set_test_size
+from ..data.build import build_detection_train_loader, get_dataset_records
 from ..modeling.registry import DETECTOR_REGISTRY
 from ..solver import build_lr_scheduler, build_optimizer
+from ..tasks import get_task
 from ..utils.errors import ConfigError
 from . import comm, hooks
 from .checkpointer import Checkpointer
@@ -154,50 +150,29 @@ def build_model(cfg: CfgNode, backbone=None) -> torch.nn.Module:
     return model.to(torch.device(cfg.MODEL.DEVICE))
 
 
-def check_num_classes(cfg: CfgNode, dataset_name: str) -> None:
-    """Raise ConfigError if the dataset's class count differs from MODEL.ROI_HEADS.NUM_CLASSES."""
-    classes = MetadataCatalog.get(dataset_name).get("thing_classes")
-    if classes is not None and len(classes) != cfg.MODEL.ROI_HEADS.NUM_CLASSES:
-        raise ConfigError(
-            f"dataset '{dataset_name}' has {len(classes)} classes {classes} but "
-            f"MODEL.ROI_HEADS.NUM_CLASSES is {cfg.MODEL.ROI_HEADS.NUM_CLASSES}"
-        )
-
-
 def do_test(cfg: CfgNode, model: torch.nn.Module, output_dir: Optional[str] = None) -> Dict[str, dict]:
-    """Evaluate ``model`` on every ``DATASETS.TEST`` dataset (COCO bbox via faster-coco-eval,
-    FROC) and write ``<output_dir>/inference/<name>/{coco_instances_results.json, metrics.json,
-    vis/*.png}``.
+    """Evaluate ``model`` on every ``DATASETS.TEST`` dataset with the task's evaluation
+    (:meth:`~mdkd_det.tasks.Task.evaluate`; detection: COCO bbox via faster-coco-eval + FROC),
+    writing under ``<output_dir>/inference/<name>/``.
 
     Returns:
-        ``{dataset_name: {"bbox": {...}, "froc": {...}}}`` (AP in percent).
+        ``{dataset_name: {result_key: {...}, ...}}`` (detection: ``{"bbox": {...}, "froc": {...}}``,
+        AP in percent).
+
+    Raises:
+        ConfigError: a test dataset does not fit the model (e.g. class count).
     """
     output_dir = output_dir or cfg.OUTPUT_DIR
+    task = get_task(cfg)
     results = {}
-    inner = model.module if hasattr(model, "module") else model
     for name in cfg.DATASETS.TEST:
         records = get_dataset_records(cfg, [name], cfg.DATASETS.TEST_LIMIT)
-        check_num_classes(cfg, name)
+        task.check_dataset(cfg, name)
         out = os.path.join(output_dir, "inference", dataset_output_name(name))
-        loader = build_detection_test_loader(cfg, name, records=records)
-        evaluator = COCOEvaluator(
-            name, records, MetadataCatalog.get(name), output_dir=out,
-            froc_fps=tuple(cfg.TEST.FROC_FPS), froc_hit=cfg.TEST.FROC_HIT, froc_iou=cfg.TEST.FROC_IOU,
-        )
-        set_test_size(inner, cfg, train=False)
-        try:
-            res = inference_on_dataset(model, loader, evaluator)
-        finally:
-            set_test_size(inner, cfg, train=True)
-        if comm.is_main_process() and cfg.TEST.VIS_NUM > 0:
-            chosen = [r for r in records if r.get("annotations") and r["image_id"] in evaluator.predictions]
-            chosen = chosen[: int(cfg.TEST.VIS_NUM)]
-            save_visualizations(chosen, [evaluator.predictions[r["image_id"]] for r in chosen],
-                                DatasetMapper(cfg, is_train=False).read, os.path.join(out, "vis"),
-                                num=len(chosen), score_thresh=float(cfg.TEST.VIS_SCORE_THRESH))
+        res = task.evaluate(cfg, model, name, records, out)
         results[name] = res
         if comm.is_main_process():
-            logger.info("Evaluation on %s:\n%s", name, print_metrics_table(res))
+            logger.info("Evaluation on %s:\n%s", name, task.metrics_table(res))
     return results
 
 
@@ -271,7 +246,7 @@ class DefaultTrainer:
         return self.start_iter
 
     def build_hooks(self) -> list:
-        """Timer, LR schedule, checkpoints, evaluation (best by bbox/AP) and writers
+        """Timer, LR schedule, checkpoints, evaluation (best by the task's metric, e.g. bbox/AP) and writers
         (metrics.json, TensorBoard, progress); the LR hook precedes the checkpointer."""
         cfg = self.cfg
         hs = [hooks.IterationTimer(), hooks.LRScheduler(self.scheduler)]
@@ -285,7 +260,7 @@ class DefaultTrainer:
                 {f"{name}/{k}": v for name, r in res.items() for k, v in r.items()}
 
         if cfg.DATASETS.TEST:
-            hs.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, eval_fn, metric="bbox/AP",
+            hs.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, eval_fn, metric=get_task(cfg).best_metric,
                                      checkpointer=self.checkpointer if comm.is_main_process() else None))
         if comm.is_main_process():
             writers = [JSONWriter(os.path.join(cfg.OUTPUT_DIR, "metrics.json")),

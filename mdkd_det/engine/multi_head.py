@@ -24,10 +24,11 @@ from torch import nn
 from ..config import CfgNode
 from ..data.multi import build_round_robin_train_loader
 from ..modeling.meta_arch.multi_head import MultiHeadFasterRCNN
+from ..tasks import get_task
 from ..utils.errors import ConfigError, DatasetError
 from .checkpointer import export_model, unwrap_model
 from . import comm
-from .defaults import DefaultTrainer, check_num_classes, do_test, seed_all_rng
+from .defaults import DefaultTrainer, do_test, seed_all_rng
 from .trainer import SimpleTrainer
 
 __all__ = ["MultiDatasetMixin", "MultiHeadSimpleTrainer", "MultiHeadTrainer"]
@@ -123,7 +124,7 @@ class MultiHeadTrainer(DefaultTrainer):
         """Round-robin loader at ``start_iter`` (checks each dataset's class count)."""
         loader = build_round_robin_train_loader(self.cfg, self.dataset_names, start_iter)
         for name in self.dataset_names:
-            check_num_classes(self.cfg, name)
+            get_task(self.cfg).check_dataset(self.cfg, name)
         return loader
 
     def test(self, model: Optional[nn.Module] = None) -> Dict[str, dict]:

@@ -17,7 +17,14 @@ Each stage is an ordinary trainer run on a config delta, in ``OUTPUT_DIR/<stage>
 teachers in ``OUTPUT_DIR/source_teacher_<name>/``). A stage whose ``model_final.pth`` and
 ``stage_result.json`` exist is skipped (unless in ``PIPELINE.RERUN`` / ``--rerun``); one with
 only a ``last_checkpoint`` resumes exactly. ``OUTPUT_DIR/results.json`` and ``results.md``
-collect the target-evaluation rows (AP in percent) and each stage's wall time.
+collect the target-evaluation rows (the task's ``row_metrics``, e.g. AP/AP50 in percent for
+detection) and each stage's wall time.
+
+Model selection: by default a row is the stage's final model. With ``PIPELINE.VAL_DATASET``
+(e.g. the MSD lung hold-out ``msd_lung_val``) every evaluated stage validates on that dataset
+every ``PIPELINE.VAL_PERIOD`` iterations, keeps ``model_best.pth`` by the task's primary metric
+(:class:`~mdkd_det.engine.hooks.EvalHook`), and its row is that best model evaluated on
+``DATASETS.TEST[0]``; later stages load the selected teachers (``model_best.pth``).
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from ..config import CfgNode
 from ..engine import comm
 from ..engine.checkpointer import atomic_write_text
 from ..engine.defaults import DefaultTrainer, dataset_output_name
+from ..tasks import get_task
+from ..tasks.base import row_values
 from ..utils.errors import ConfigError
 
 logger = logging.getLogger("mdkd_det.pipeline")
@@ -43,28 +52,6 @@ ROW_OF_STAGE = {"multi_head": "multi_head", "dataset_specific": "dataset_specifi
                 "joint_teacher": "joint_teacher", "student": "student"}
 ROW_TITLES = {"multi_head": "Multi-head", "dataset_specific": "Dataset-specific",
               "joint_teacher": "Joint teacher", "student": "Student"}
-#: Paper Table 16 (Faster R-CNN), mAP@[.5:.95] / mAP@.5, for reference next to our numbers.
-PAPER_TABLE16 = {
-    "LungCT": {"multi_head": (44.52, 80.73), "dataset_specific": (47.23, 83.20),
-               "joint_teacher": (49.31, 87.34), "student": (47.89, 85.53)},
-    "LungPet": {"multi_head": (63.83, 97.45), "dataset_specific": (66.72, 99.05),
-                "joint_teacher": (65.74, 99.51), "student": (65.61, 99.28)},
-    "DeepLesion": {"multi_head": (38.33, 70.68), "dataset_specific": (41.20, 73.91),
-                   "joint_teacher": (49.94, 86.40), "student": (45.03, 80.46)},
-}
-
-
-def _paper_key(target: str) -> Optional[str]:
-    t = target.lower()
-    if t.startswith("lungct"):
-        return "LungCT"
-    if t.startswith("lung_pet_ct_dx"):
-        return "LungPet"
-    if t.startswith("deeplesion"):
-        return "DeepLesion"
-    return None
-
-
 class PipelineRunner:
     """Run the MDKD stages for ``cfg`` (``PIPELINE.*``, ``DATASETS.TRAIN`` = target).
 
@@ -93,6 +80,8 @@ class PipelineRunner:
         self.eval_dataset = cfg.DATASETS.TEST[0]
         self.sources = list(cfg.PIPELINE.SOURCES)
         self.root = cfg.OUTPUT_DIR
+        self.task = get_task(cfg)
+        self.val_dataset = str(cfg.PIPELINE.VAL_DATASET)
         self.wall: Dict[str, float] = {}
         self.rows: Dict[str, dict] = {}
 
@@ -131,9 +120,13 @@ class PipelineRunner:
             c.SOLVER.MAX_ITER = self._iters("STUDENT")
             c.KD.ENABLED = True
             c.KD.TEACHER_CONFIG = os.path.join(self.stage_dir("joint_teacher"), "config.yaml")
-            c.KD.TEACHER_WEIGHTS = os.path.join(self.stage_dir("joint_teacher"), "model_final.pth")
+            c.KD.TEACHER_WEIGHTS = self.selected_checkpoint(self.stage_dir("joint_teacher"))
         else:
             raise ConfigError(f"unknown stage '{stage}'")
+        if self.val_dataset and stage != "source_teacher":  # validate, keep model_best.pth
+            c.DATASETS.TEST = (self.val_dataset,)
+            c.TEST.EVAL_PERIOD = int(c.PIPELINE.VAL_PERIOD) or int(c.TEST.EVAL_PERIOD)
+        self.task.configure_stage(c, stage, source)
         c.SOLVER.CHECKPOINT_PERIOD = min(int(c.SOLVER.CHECKPOINT_PERIOD), int(c.SOLVER.MAX_ITER))
         c.OUTPUT_DIR = self.stage_dir(stage, source)
         c.freeze()
@@ -146,9 +139,15 @@ class PipelineRunner:
 
     def teacher_checkpoints(self) -> List[str]:
         """Stage-1 checkpoints, target teacher first (the query of cross-attention fusion)."""
-        paths = [os.path.join(self.stage_dir("target_teacher"), "model_final.pth")]
+        paths = [self.selected_checkpoint(self.stage_dir("target_teacher"))]
         paths += [os.path.join(self.stage_dir("source_teacher", s), "model_final.pth") for s in self.sources]
         return paths
+
+    def selected_checkpoint(self, out_dir: str) -> str:
+        """``out_dir/model_best.pth`` when validating (``PIPELINE.VAL_DATASET``) and it exists,
+        else ``out_dir/model_final.pth``."""
+        best = os.path.join(out_dir, "model_best.pth")
+        return best if self.val_dataset and os.path.isfile(best) else os.path.join(out_dir, "model_final.pth")
 
     # --- running --------------------------------------------------------------------------
     def _done(self, out_dir: str) -> bool:
@@ -177,18 +176,57 @@ class PipelineRunner:
         trainer = make_trainer(cfg)
         trainer.resume_or_load(resume=resume)
         results = trainer.train()
+        key = self.task.result_key
+        selected = self._load_best(trainer, out) if self.val_dataset and cfg.DATASETS.TEST else None
         if after_train is not None:
             after_train(trainer)
-        metrics = results.get("bbox") if results else None
-        if not metrics and cfg.DATASETS.TEST:  # no eval hook ran (resumed at the end): evaluate
-            metrics = trainer.test()[self.eval_dataset]["bbox"]
-        metrics = metrics or {}
+        if self.val_dataset and cfg.DATASETS.TEST:  # the selected model on the report dataset
+            metrics = self._test_on(trainer, cfg, self.eval_dataset)[key]
+            if selected and checkpoint == "model_final.pth":
+                checkpoint = "model_best.pth"
+        else:
+            metrics = results.get(key) if results else None
+            if not metrics and cfg.DATASETS.TEST:  # no eval hook ran (resumed at the end): evaluate
+                metrics = trainer.test()[self.eval_dataset][key]
         wall = time.perf_counter() - t0
-        res = {"AP": metrics.get("AP"), "AP50": metrics.get("AP50"),
+        res = {**row_values(self.task, metrics),
                "checkpoint": os.path.abspath(os.path.join(out, checkpoint)), "wall_time_s": wall}
+        if selected:
+            res["selected_by"] = selected
         if comm.is_main_process():
             atomic_write_text(result_file, json.dumps(res, indent=2))
         return res
+
+    def _load_best(self, trainer, out: str) -> Optional[dict]:
+        """Load ``out/model_best.pth`` (model weights only) into the trained model; return
+        ``{"dataset", "metric", "value", "iteration"}`` of the selection, or None if absent."""
+        from ..engine.checkpointer import Checkpointer, unwrap_model
+
+        best, side = os.path.join(out, "model_best.pth"), os.path.join(out, "model_best.json")
+        if not os.path.isfile(best):
+            logger.warning("[pipeline] %s: no model_best.pth (validation metric missing); "
+                           "reporting the final model", out)
+            return None
+        Checkpointer(unwrap_model(trainer.model), out).load(best, checkpointables=[])
+        info = {}
+        if os.path.isfile(side):
+            with open(side) as f:
+                info = json.load(f)
+        return {"dataset": self.val_dataset, **info}
+
+    @staticmethod
+    def _test_on(trainer, cfg: CfgNode, dataset: str) -> dict:
+        """``trainer.test()`` on ``dataset`` alone (the trainer's own test, e.g. the multi-head
+        target head), returning that dataset's result."""
+        tcfg = cfg.clone()
+        tcfg.defrost()
+        tcfg.DATASETS.TEST = (dataset,)
+        tcfg.freeze()
+        saved, trainer.cfg = trainer.cfg, tcfg
+        try:
+            return trainer.test()[dataset]
+        finally:
+            trainer.cfg = saved
 
     def run(self) -> dict:
         """Run the selected stages in order and write ``results.json`` / ``results.md``."""
@@ -224,7 +262,8 @@ class PipelineRunner:
                                     checkpoint="model_target_head.pth",
                                     after_train=lambda t: t.export_head(names[0], head_ckpt))
             elif stage == "student":
-                res = self._run_one(stage, scfg, KDTrainer, checkpoint="model_student.pth")
+                res = self._run_one(stage, scfg, KDTrainer, checkpoint="model_student.pth",
+                                    after_train=self._export_student if self.val_dataset else None)
             else:
                 res = self._run_one(stage, scfg, DefaultTrainer)
             self.wall[stage] = res["wall_time_s"]
@@ -233,6 +272,13 @@ class PipelineRunner:
             if stage == "target_teacher" and cfg.PIPELINE.REUSE_TARGET_TEACHER_AS_BASELINE:
                 self.rows["dataset_specific"] = dict(res, reused_from="target_teacher")
         return self.write_results()
+
+    @staticmethod
+    def _export_student(trainer) -> None:
+        """Re-export ``model_student.pth`` from the selected (best-on-validation) student."""
+        from ..engine.checkpointer import export_model
+
+        export_model(trainer.model, os.path.join(trainer.cfg.OUTPUT_DIR, "model_student.pth"))
 
     def _collect(self, stage: str, scfg: CfgNode) -> None:
         """Pick up the row of a stage finished in an earlier run (not run now)."""
@@ -262,9 +308,12 @@ class PipelineRunner:
         results = {
             "target": "+".join(self.target),
             "eval_dataset": self.eval_dataset,
-            "rows": {k: {"AP": _num(v.get("AP")), "AP50": _num(v.get("AP50")),
+            "task": self.task.name,
+            "metrics": list(self.task.row_metrics),
+            "rows": {k: {**{m: _num(v.get(m)) for m in self.task.row_metrics},
                          "checkpoint": v.get("checkpoint"),
-                         **({"reused_from": v["reused_from"]} if v.get("reused_from") else {})}
+                         **({"reused_from": v["reused_from"]} if v.get("reused_from") else {}),
+                         **({"selected_by": v["selected_by"]} if v.get("selected_by") else {})}
                      for k, v in self.rows.items()},
             "wall_time_s": {k: round(float(v), 1) for k, v in self.wall.items()},
         }
@@ -276,25 +325,29 @@ class PipelineRunner:
         return results
 
     def results_markdown(self, results: dict) -> str:
-        """The Table-16-style markdown of ``results`` (paper numbers beside ours when known)."""
-        paper = PAPER_TABLE16.get(_paper_key(self.target[0]) or "", {})
-        head = "| Model | mAP@[.5:.95] | mAP@.5 |"
-        sep = "|---|---|---|"
+        """The paper-table-style markdown of ``results``: one column per task metric, and the
+        paper's numbers beside ours when the task knows them (:meth:`Task.paper_reference`)."""
+        metrics = list(self.task.row_metrics)
+        caption, paper = self.task.paper_reference(self.cfg, self.target[0])
+        titles = [self.task.metric_titles.get(m, m) for m in metrics]
+        head = "| Model | " + " | ".join(titles) + " |"
+        sep = "|---|" + "---|" * len(metrics)
         if paper:
-            head += " paper Table 16 (full data, GPU) |"
+            head += f" {caption} |"
             sep += "---|"
         lines = [f"Target {results['target']}, evaluated on {results['eval_dataset']} "
-                 "(Faster R-CNN; AP in percent)", "", head, sep]
+                 f"({self.task.name}, {self.cfg.MODEL.META_ARCHITECTURE})", "", head, sep]
         for key in ("multi_head", "dataset_specific", "joint_teacher", "student"):
-            row = results["rows"].get(key)
-            ap = "n/a" if row is None or row["AP"] is None else f"{row['AP']:.2f}"
-            ap50 = "n/a" if row is None or row["AP50"] is None else f"{row['AP50']:.2f}"
-            title = ROW_TITLES[key] + (" (= target teacher, A24)" if row and row.get("reused_from") else "")
-            line = f"| {title} | {ap} | {ap50} |"
+            row = results["rows"].get(key) or {}
+            vals = ["n/a" if row.get(m) is None else f"{row[m]:.2f}" for m in metrics]
+            title = ROW_TITLES[key] + (" (= target teacher, A24)" if row.get("reused_from") else "")
+            line = f"| {title} | " + " | ".join(vals) + " |"
             if paper:
-                p = paper[key]
-                line += f" {p[0]:.2f} / {p[1]:.2f} |"
+                line += " " + (" / ".join(f"{v:.2f}" for v in paper[key]) if key in paper else "n/a") + " |"
             lines.append(line)
+        if self.val_dataset:
+            lines += ["", f"Each row: the checkpoint with the best {self.task.best_metric} on "
+                          f"{self.val_dataset} (PIPELINE.VAL_DATASET), evaluated on {results['eval_dataset']}."]
         lines += ["", "| Stage | wall time (s) |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in results["wall_time_s"].items()]
         return "\n".join(lines) + "\n"

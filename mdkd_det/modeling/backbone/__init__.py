@@ -2,6 +2,6 @@
 
 from .base import Backbone, WrappedBackbone
 from .build import build_backbone
-from . import torchvision_fpn, timm_fpn  # noqa: F401  (register built-ins)
+from . import torchvision_fpn, timm_fpn, timm_classification  # noqa: F401  (register built-ins)
 
 __all__ = ["Backbone", "WrappedBackbone", "build_backbone"]

@@ -20,7 +20,7 @@ from mdkd_det.utils.errors import CheckpointError
 
 from _tiny import tiny_cfg
 
-ALL_TERMS = set(TERM_KEYS.values())
+ALL_TERMS = set(TERM_KEYS.values()) - {"loss_KLD"}  # detection terms; KLD reads image-level logits (cls)
 
 
 def _pair(tmp_path, teacher_channels=64):

@@ -45,8 +45,41 @@ _C.MODEL.BACKBONE.TIMM_NAME = "resnet18"
 # Which feature levels (indices into timm's features) feed the FPN for timm_fpn.
 _C.MODEL.BACKBONE.TIMM_OUT_INDICES = [1, 2, 3, 4]
 
+# Classification models (MODEL.META_ARCHITECTURE "image_classifier", MODEL.TASK "classification";
+# paper §4.3, Tables 9/12; notes C23-C26, A15, A16).
+_C.MODEL.CLASSIFIER = CN()
+_C.MODEL.CLASSIFIER.NUM_CLASSES = 2
+# Dropout before the final Linear (Tables 9/12 "Dropout").
+_C.MODEL.CLASSIFIER.DROPOUT = 0.0
+# Attention dropout of transformer blocks in the backbone (MedViT; Tables 9/12 "Attn Dropout").
+_C.MODEL.CLASSIFIER.ATTN_DROPOUT = 0.0
+# Eq. 14 class weights: "frequency" (w_c = 1/(f_c + EPS) from the DATASETS.TRAIN label
+# histogram, rescaled so sum_c w_c f_c = 1; A15) or "none" (plain CE).
+_C.MODEL.CLASSIFIER.CLASS_WEIGHTS = "frequency"
+_C.MODEL.CLASSIFIER.CLASS_WEIGHT_EPS = 1e-6
+# Resize inputs to this square size (px) before the backbone; 0 = keep the mapper's size.
+_C.MODEL.CLASSIFIER.INPUT_SIZE = 0
+# Stage depths of the MedViT-style backbone (timm Next-ViT blocks; 4 stages, stage 3 a multiple of 5).
+_C.MODEL.CLASSIFIER.MEDVIT_DEPTHS = [1, 1, 5, 1]
+
 _C.MODEL.FPN = CN()
 _C.MODEL.FPN.OUT_CHANNELS = 256
+
+# Segmentation models (MODEL.TASK "segmentation"; META_ARCHITECTURE "unet" / "tresunet"; §4.2).
+_C.MODEL.SEG = CN()
+# Task loss: "dice_bce" (Eq. 10; students, baselines) or "dice" (Eq. 1; Stage-1/2 teachers).
+_C.MODEL.SEG.LOSS = "dice_bce"
+_C.MODEL.SEG.DICE_SMOOTH = 1.0  # C16 proposal
+# Foreground threshold on the sigmoid probability for the metrics.
+_C.MODEL.SEG.THRESHOLD = 0.5
+# UNet ("unet_encoder"): channels of the finest level (paper UNet 64) and number of poolings.
+_C.MODEL.SEG.BASE_CHANNELS = 16
+_C.MODEL.SEG.DEPTH = 4
+# TResUNet ("tresunet_encoder"): bottleneck transformer width/layers/heads, dilation rates.
+_C.MODEL.SEG.TRANSFORMER_DIM = 256
+_C.MODEL.SEG.TRANSFORMER_LAYERS = 2
+_C.MODEL.SEG.TRANSFORMER_HEADS = 4
+_C.MODEL.SEG.DILATIONS = [1, 2, 3]
 
 _C.MODEL.ANCHOR_GENERATOR = CN()
 # One tuple of sizes (px, on the resized input) per FPN level, small first. Defaults suit
@@ -157,6 +190,20 @@ _C.DATASETS.KEEP_EMPTY = True
 # Seed and fractions for the deterministic patient-level split of datasets without one.
 _C.DATASETS.SPLIT_SEED = 0
 _C.DATASETS.SPLIT_FRACTIONS = [0.72, 0.08, 0.20]
+# Lesion-patch classification datasets (tools/make_lesion_patches.py; names
+# lesion_patch_<lungct|lung_pet_ct_dx|deeplesion>_<train|val|test|all>). Built on first use.
+_C.DATASETS.LESION_PATCH = CN()
+# Output folder ("" = $MDKD_CACHE or ~/.cache/mdkd_det, then lesion_patches_p<SIZE>_n<NEG>_s<SEED>).
+_C.DATASETS.LESION_PATCH.DIR = ""
+_C.DATASETS.LESION_PATCH.SIZE = 64  # stored patch side (px)
+_C.DATASETS.LESION_PATCH.NEG_PER_IMAGE = 2  # lesion-free patches per slice
+_C.DATASETS.LESION_PATCH.CONTEXT = 2.0  # crop side = CONTEXT x the longer box side (px)
+_C.DATASETS.LESION_PATCH.MIN_SIDE = 32  # smallest crop side (px, original image)
+_C.DATASETS.LESION_PATCH.SEED = 0
+# Use at most this many slices per domain (seeded sample; 0 = all). For tests and smoke runs.
+_C.DATASETS.LESION_PATCH.MAX_SLICES = 0
+# Patient-level (train, val, test) fractions of every domain.
+_C.DATASETS.LESION_PATCH.FRACTIONS = [0.7, 0.1, 0.2]
 # Cap on the number of training / test images (0 = all). For tests and smoke runs.
 _C.DATASETS.TRAIN_LIMIT = 0
 _C.DATASETS.TEST_LIMIT = 0
@@ -240,6 +287,7 @@ _C.ADVERSARIAL.TARGET_IMS_PER_BATCH = 2
 _C.FUSION = CN()
 # Fusion op in FUSION_REGISTRY: "concat1x1" (paper, detection) or "cross_attention" (A5).
 _C.FUSION.OP = "concat1x1"
+# Channels of every fused map; 0 = each level keeps teacher 0's channels (seg, A5).
 _C.FUSION.OUT_CHANNELS = 256
 # Teacher detector checkpoints (Stage-1 model_final.pth files) and their backbone names.
 _C.FUSION.TEACHERS = ()
@@ -247,6 +295,21 @@ _C.FUSION.TEACHER_BACKBONES = ()
 # Per-teacher input normalisation (list of [r, g, b] lists; empty = MODEL.PIXEL_MEAN/STD).
 _C.FUSION.TEACHER_PIXEL_MEAN = []
 _C.FUSION.TEACHER_PIXEL_STD = []
+# How teacher k's maps are paired with teacher 0's levels: "keys" (same names and strides,
+# required) or "stride" (nearest stride, maps resized to teacher 0's size): the latter lets a
+# segmentation joint teacher fuse CT detection backbones (FPN levels) with seg encoders.
+_C.FUSION.LEVEL_MATCH = "keys"
+# Extra frozen teachers appended after FUSION.TEACHERS (checkpoints + backbone names), e.g.
+# cross-task detection teachers ("resnet18_fpn" from an MDKD detection run) for a seg joint teacher.
+_C.FUSION.EXTRA_TEACHERS = ()
+_C.FUSION.EXTRA_TEACHER_BACKBONES = ()
+# Teacher levels to fuse (empty = all). Classification fuses the last level only (A6).
+_C.FUSION.LEVELS = ()
+# "fa_blocks" op (classification, C10/A6): number of Fusion Attention blocks (Tables 9/12: 3);
+# joint_ch is FUSION.OUT_CHANNELS (256 pulmonary). Attention / MLP dropout of the blocks.
+_C.FUSION.FA_BLOCKS = 3
+_C.FUSION.ATTN_DROPOUT = 0.0
+_C.FUSION.DROPOUT = 0.0
 
 # --------------------------------------------------------------------------------------------
 # Stage 3: distillation (paper Eq. 24, §6.3; notes C27-C35, A1-A4, A8, A10, A26, A27)
@@ -263,6 +326,7 @@ _C.KD.W_COS = 0.03  # delta
 _C.KD.W_ATT = 0.01  # eta
 _C.KD.W_CLSKD = 1.0  # zeta
 _C.KD.W_ROIKD = 0.10  # rho (the ROIKD weight, not the progress; A27)
+_C.KD.W_KLD = 0.0  # kappa: image-level logit KD with t^2 (Eq. 15/16; classification 0.4)
 _C.KD.TEMPERATURE = 2.0  # ClsKD and Con (§6.3)
 _C.KD.KL_DIRECTION = "t||s"  # A2
 _C.KD.CON_MASK_DIAG = False  # A1
@@ -292,6 +356,11 @@ _C.KD.BETA_RAMP.START = 0.1
 _C.KD.BETA_RAMP.END = 0.5
 _C.KD.BETA_RAMP.WARMUP = 5.0
 _C.KD.BETA_RAMP.RAMP = 10.0
+# Classification layer selection (C26, A16): distil K layers (L1-L3); the teacher's first K
+# ("early") or last K ("late") FA blocks go to the student's last K backbone levels.
+_C.KD.CLS = CN()
+_C.KD.CLS.K = 3
+_C.KD.CLS.LAYER_SELECTION = "late"
 # Iterations per schedule "epoch" (A7); 0 = one pass over the training set.
 _C.KD.EPOCH_ITERS = 0
 
@@ -331,3 +400,9 @@ _C.PIPELINE.JOINT_TEACHER_HEAD_INIT = "scratch"
 _C.PIPELINE.REUSE_TARGET_TEACHER_AS_BASELINE = False
 # Stages to retrain even if their checkpoint exists.
 _C.PIPELINE.RERUN = ()
+# Validation dataset for model selection ("" = rows from each stage's final model). When set,
+# every evaluated stage validates on it every VAL_PERIOD iterations (0 = TEST.EVAL_PERIOD, and
+# always at the end), keeps model_best.pth by the task's primary metric, and reports that model
+# on DATASETS.TEST[0]; later stages load the selected teachers.
+_C.PIPELINE.VAL_DATASET = ""
+_C.PIPELINE.VAL_PERIOD = 0

@@ -35,6 +35,9 @@ def get_dataset_records(cfg, names: Sequence[str], limit: int = 0) -> List[dict]
 
     register_builtin(dataset_root(cfg), split_seed=int(cfg.DATASETS.SPLIT_SEED),
                      split_fractions=tuple(cfg.DATASETS.SPLIT_FRACTIONS))
+    from ..tasks import get_task  # tasks import data modules: import lazily
+
+    get_task(cfg).register_datasets(cfg)
     records: List[dict] = []
     for name in names:
         recs = DatasetCatalog.get(name)

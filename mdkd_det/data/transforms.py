@@ -22,6 +22,34 @@ def build_augmentation(cfg, is_train: bool) -> Optional[A.Compose]:
     """
     if not is_train:
         return None
+    ops = augmentation_ops(cfg)
+    if not ops:
+        return None
+    return A.Compose(
+        ops,
+        bbox_params=A.BboxParams(
+            format="pascal_voc",
+            label_fields=["labels"],
+            clip=True,
+            min_width=float(cfg.INPUT.AUG.MIN_BOX_SIZE),
+            min_height=float(cfg.INPUT.AUG.MIN_BOX_SIZE),
+        ),
+    )
+
+
+def build_seg_augmentation(cfg, is_train: bool) -> Optional[A.Compose]:
+    """The same ``INPUT.AUG`` operations for segmentation: ``aug(image=img, mask=mask)``
+    transforms the mask with the image (albumentations applies the geometric ops to ``mask``
+    with nearest-neighbour interpolation; photometric ops leave it). ``None`` at test time or
+    when all are off."""
+    if not is_train:
+        return None
+    ops = augmentation_ops(cfg)
+    return A.Compose(ops) if ops else None
+
+
+def augmentation_ops(cfg) -> list:
+    """The albumentations operations enabled by ``INPUT.AUG`` (shared by boxes and masks)."""
     aug = cfg.INPUT.AUG
     ops = []
     if aug.HFLIP_PROB > 0:
@@ -45,15 +73,4 @@ def build_augmentation(cfg, is_train: bool) -> Optional[A.Compose]:
                 p=float(aug.BRIGHTNESS_CONTRAST_PROB),
             )
         )
-    if not ops:
-        return None
-    return A.Compose(
-        ops,
-        bbox_params=A.BboxParams(
-            format="pascal_voc",
-            label_fields=["labels"],
-            clip=True,
-            min_width=float(aug.MIN_BOX_SIZE),
-            min_height=float(aug.MIN_BOX_SIZE),
-        ),
-    )
+    return ops

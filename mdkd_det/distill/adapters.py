@@ -9,6 +9,10 @@ An adapter knows three things about a family and nothing about the KD losses:
    transformed batch and, where regions must correspond, on the student's regions, and return
    :class:`KDInputs` aligned item by item with the student's.
 
+Optionally, 4. ``kd_shapes(student, teacher)`` -> ``(student_shapes, teacher_shapes,
+level_pairs)`` when the distilled levels are not the backbones' own levels paired by stride
+(classification: :mod:`mdkd_det.distill.cls_adapter`).
+
 The :class:`~mdkd_det.distill.distiller.Distiller` consumes ``KDInputs`` only, so the Faster
 R-CNN, RF-DETR, detectron2 and seg/cls paths share every loss and the whole KD step.
 """
@@ -23,7 +27,7 @@ import torch
 from torch import nn
 
 from ..modeling.registry import Registry
-from .taps import register_detector_taps, teacher_roi_outputs
+from .taps import Tap, register_detector_taps, teacher_roi_outputs
 
 KD_ADAPTER_REGISTRY = Registry("KD_ADAPTER", entry_point_group="mdkd_det.kd_adapters")
 
@@ -39,39 +43,45 @@ class KDInputs:
             row m of the student paired with row m of the teacher; None if the family has none.
         region_logits: ``Tensor[M, K]`` class logits of the same regions (softmax heads include
             the background logit); None if absent.
+        logits: ``Tensor[B, K]`` image-level class logits (classification; L_KLD, Eq. 15); None
+            if absent.
     """
 
     features: "OrderedDict[str, torch.Tensor]"
     region_embeddings: Optional[torch.Tensor] = None
     region_logits: Optional[torch.Tensor] = None
+    logits: Optional[torch.Tensor] = None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if hasattr(model, "module") else model
 
 
-@KD_ADAPTER_REGISTRY.register("torchvision_faster_rcnn")
-class TorchvisionFasterRCNNAdapter:
-    """torchvision ``FasterRCNN`` (engineering_notes §5; decision A10).
+class TwoStageAdapter:
+    """Shared logic of two-stage (RPN + RoI head) detector adapters; subclasses say only how to
+    read their family's records.
 
-    Student records: the transformed batch (``ImageList``), the FPN maps, the sampled training
-    proposals (``roi_heads.select_training_samples``), the RoI embeddings (``box_head`` output,
-    [sum M_i, D]) and class logits (``box_predictor`` output, [sum M_i, K+1]). The teacher runs
-    its backbone on the student's transformed tensor and its RoI head on the student's sampled
-    proposals, so region m is the same box for both (ClsKD / ROIKD correspondence).
+    Records (tap preset ``taps_preset``): ``images`` (the transformed batch), ``features``
+    (backbone maps), ``sampled`` (the RoI head's sampled training proposals), ``box_features``
+    (box-head embeddings [sum M_i, D]) and ``box_predictor`` (``(class_logits [sum M_i, K+1],
+    box_deltas)``). The teacher runs its backbone on the student's transformed tensor and its
+    RoI head on the student's sampled proposals, so region m is the same box for both (ClsKD /
+    ROIKD correspondence, A10).
 
-    Softmax heads: ClsKD uses ``kind="softmax"`` over the K+1 logits.
+    Subclasses set ``taps_preset`` and implement :meth:`batch_tensor` and
+    :meth:`teacher_regions`.
     """
 
     cls_kind = "softmax"
+    taps_preset: str = ""
 
     def student_taps(self) -> Dict[str, object]:
-        """Tap specs for :class:`TapRecorder` (preset ``"torchvision_faster_rcnn"``)."""
-        return register_detector_taps("torchvision_faster_rcnn")
+        """Tap specs for :class:`TapRecorder` (preset ``taps_preset``)."""
+        return register_detector_taps(self.taps_preset)
 
     def student_inputs(self, rec) -> KDInputs:
-        """Student :class:`KDInputs` from the records of its own training forward: FPN maps
-        [B, C, H/s, W/s], RoI embeddings [sum M_i, D] and logits [sum M_i, K+1]."""
+        """Student :class:`KDInputs` from the records of its own training forward: backbone
+        maps [B, C, H/s, W/s], RoI embeddings [sum M_i, D] and logits [sum M_i, K+1]."""
         logits = rec.get("box_predictor")
         return KDInputs(
             features=rec["features"],
@@ -83,23 +93,82 @@ class TorchvisionFasterRCNNAdapter:
         """Teacher :class:`KDInputs` on the student's transformed batch and sampled proposals,
         under ``torch.no_grad`` (rows aligned with :meth:`student_inputs`)."""
         teacher = _unwrap(teacher)
-        image_list = rec["images"][0]
         with torch.no_grad():
-            feats = teacher.backbone(image_list.tensors)
-        sampled = rec.get("sampled")
+            feats = teacher.backbone(self.batch_tensor(rec))
         emb = logits = None
-        if sampled is not None:
-            emb, logits = teacher_roi_outputs(teacher, feats, sampled[0], image_list.image_sizes)
+        if rec.get("sampled") is not None:
+            emb, logits = self.teacher_regions(teacher, feats, rec)
         return KDInputs(features=feats, region_embeddings=emb, region_logits=logits)
 
+    def batch_tensor(self, rec) -> torch.Tensor:  # pragma: no cover - abstract
+        """The student's normalised, padded batch ``Tensor[B, C, H, W]``."""
+        raise NotImplementedError
 
-def build_kd_adapter(name: str):
-    """Instantiate the adapter registered as ``name`` (e.g. ``"torchvision_faster_rcnn"``).
+    def teacher_regions(self, teacher: nn.Module, feats, rec):  # pragma: no cover - abstract
+        """``(embeddings [sum M_i, D_t], class_logits [sum M_i, K+1])`` of the teacher's RoI
+        head on the student's sampled proposals, without autograd history."""
+        raise NotImplementedError
+
+
+@KD_ADAPTER_REGISTRY.register("torchvision_faster_rcnn")
+class TorchvisionFasterRCNNAdapter(TwoStageAdapter):
+    """torchvision ``FasterRCNN`` (engineering_notes §5; decision A10).
+
+    Records: the transformed batch (``(ImageList, targets)``), the FPN maps, the sampled
+    training proposals (``roi_heads.select_training_samples``), the RoI embeddings
+    (``box_head`` output, [sum M_i, D]) and class logits (``box_predictor`` output,
+    [sum M_i, K+1], background at index 0).
+    """
+
+    taps_preset = "torchvision_faster_rcnn"
+
+    def batch_tensor(self, rec) -> torch.Tensor:
+        """``ImageList.tensors`` of the transform's output."""
+        return rec["images"][0].tensors
+
+    def teacher_regions(self, teacher: nn.Module, feats, rec):
+        """:func:`teacher_roi_outputs` on ``rec["sampled"][0]`` (proposal boxes)."""
+        return teacher_roi_outputs(teacher, feats, rec["sampled"][0], rec["images"][0].image_sizes)
+
+
+@KD_ADAPTER_REGISTRY.register("encoder_features")
+class EncoderFeaturesAdapter:
+    """Feature-only KD for models whose ``backbone`` is called once per forward on the
+    normalised batch (segmenters: encoder levels + bottleneck, paper C15; any model with a
+    multi-level :class:`~mdkd_det.modeling.backbone.Backbone`).
+
+    Student records: the backbone's input (the normalised, padded batch ``[B, C, H, W]``) and
+    its output maps. The teacher's backbone runs on that same tensor under ``torch.no_grad``
+    (for a joint teacher this is its :class:`FusionBackbone`, whose :class:`TeacherInput`
+    re-normalises per teacher). No region terms: ``region_*`` are None, so the distiller
+    computes only Con / FAlgn / CosSim / Att (Eq. 9: no output-level KD for seg, A30).
+    """
+
+    def student_taps(self) -> Dict[str, object]:
+        """``{"features": backbone output, "backbone_input": backbone input}``."""
+        return {"features": "backbone", "backbone_input": Tap("backbone", "input")}
+
+    def student_inputs(self, rec) -> KDInputs:
+        """Student maps ``OrderedDict[level, Tensor[B, C_l, H_l, W_l]]`` (with autograd)."""
+        return KDInputs(features=rec["features"])
+
+    def teacher_inputs(self, teacher: nn.Module, rec) -> KDInputs:
+        """Teacher maps on the student's backbone input, under ``torch.no_grad``."""
+        with torch.no_grad():
+            return KDInputs(features=_unwrap(teacher).backbone(rec["backbone_input"]))
+
+
+def build_kd_adapter(name: str, cfg=None):
+    """Instantiate the adapter registered as ``name`` (e.g. ``"torchvision_faster_rcnn"``);
+    an adapter class with a ``from_config(cfg)`` classmethod is built from ``cfg``.
 
     Raises:
         RegistryError: unknown name (lists the registered adapters).
     """
-    return KD_ADAPTER_REGISTRY.get(name)()
+    cls = KD_ADAPTER_REGISTRY.get(name)
+    if cfg is not None and hasattr(cls, "from_config"):
+        return cls.from_config(cfg)
+    return cls()
 
 
 from . import rfdetr_adapter  # noqa: E402,F401  (registers "rfdetr"; imports this module)

@@ -3,6 +3,8 @@
     L_total = alpha * L_task + cf * (beta*Con + gamma*FAlgn + delta*CosSim + eta*Att
                                      + zeta*ClsKD + rho*ROIKD)
 
+and, for classification (Eq. 16), ``+ cf * kappa * KLD`` (Eq. 15, image logits, with t^2).
+
 The distiller owns the frozen teacher (kept out of ``state_dict`` and the optimizer), the
 student-side connectors (A3) and the schedules (cf, temperature, beta). It calls only the pure
 functions of :mod:`mdkd_det.distill.losses`, so every model family shares it; what differs per
@@ -28,6 +30,7 @@ TERM_KEYS = {
     "att": "loss_Att",
     "clskd": "loss_ClsKD",
     "roikd": "loss_ROIKD",
+    "kld": "loss_KLD",
 }
 
 
@@ -38,14 +41,16 @@ class Distiller(nn.Module):
         teacher: frozen teacher model (eval, no grad); stored outside the module tree.
         adapter: family adapter (``student_taps``, ``student_inputs``, ``teacher_inputs``).
         student_shapes, teacher_shapes: ``{level: ShapeSpec}`` of the two backbones; levels are
-            paired by stride (A25).
+            paired by stride (A25) unless ``level_pairs`` is given.
         student_emb_dim, teacher_emb_dim: region-embedding sizes (None = no ROIKD connector).
-        weights: ``{"con", "falgn", "cos", "att", "clskd", "roikd"}`` -> beta, gamma, delta, eta,
-            zeta, rho. Zero weights skip the term.
+        weights: ``{"con", "falgn", "cos", "att", "clskd", "roikd", "kld"}`` -> beta, gamma,
+            delta, eta, zeta, rho, kappa. Zero weights skip the term.
         cf: curriculum ``cf(epoch) -> float`` (C22/C34).
         temperature: T for Con and ClsKD; or ``temperature_schedule(epoch)`` (C20).
         beta_schedule: optional ``beta(epoch)`` replacing ``weights["con"]`` (C21).
         kl_direction, cls_kind, reduction, con_mask_diag: passed to the losses (A1, A2, A4, A10).
+        level_pairs: explicit ``{student level: teacher level}`` (e.g. the early-/late-k
+            selection of C26); default: :func:`match_levels_by_stride`.
 
     Shapes: see :class:`KDInputs`. ``forward`` returns ``{loss name: 0-dim Tensor}`` already
     multiplied by weight and cf; names in :data:`TERM_KEYS`.
@@ -68,6 +73,7 @@ class Distiller(nn.Module):
         cls_kind: Optional[str] = None,
         reduction: str = "mean",
         con_mask_diag: bool = False,
+        level_pairs: Optional[Mapping[str, str]] = None,
     ) -> None:
         super().__init__()
         unknown = set(weights) - set(TERM_KEYS)
@@ -75,7 +81,8 @@ class Distiller(nn.Module):
             raise ValueError(f"unknown KD weight names {sorted(unknown)}; known: {sorted(TERM_KEYS)}")
         self._teacher = [teacher]  # a list keeps it out of state_dict(), parameters(), .to()
         self.adapter = adapter
-        self.level_pairs = match_levels_by_stride(student_shapes, teacher_shapes)
+        self.level_pairs = (dict(level_pairs) if level_pairs is not None
+                            else match_levels_by_stride(student_shapes, teacher_shapes))
         self.connectors = nn.ModuleDict({
             s: feature_connector(student_shapes[s].channels, teacher_shapes[t].channels)
             for s, t in self.level_pairs.items()
@@ -135,6 +142,8 @@ class Distiller(nn.Module):
         if w["roikd"] and s.region_embeddings is not None and t.region_embeddings is not None:
             out[TERM_KEYS["roikd"]] = L.roi_kd(self.roi_connector(s.region_embeddings),
                                                t.region_embeddings, reduction=self.reduction)
+        if w["kld"] and s.logits is not None and t.logits is not None:
+            out[TERM_KEYS["kld"]] = L.kld(s.logits, t.logits, T=T, direction=self.kl_direction)
         name_to_w = {v: w[k] for k, v in TERM_KEYS.items()}
         return {k: (cf * name_to_w[k]) * v for k, v in out.items()}
 

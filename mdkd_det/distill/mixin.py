@@ -2,6 +2,11 @@
 
     class KDSimpleTrainer(KDTrainerMixin, SimpleTrainer): ...
 
+The step itself is :meth:`KDTrainerMixin.kd_forward`, which wraps any "task-loss forward"
+callable; our ``SimpleTrainer`` reaches it through ``compute_losses`` and detectron2's
+``SimpleTrainer``/``AMPTrainer`` through ``run_step`` (:mod:`mdkd_det.d2.train_loop`), so the
+KD step exists once for both loops.
+
 Per step: (1) the student's own forward runs unmodified with the adapter's taps recording;
 (2) the frozen teacher runs under ``torch.no_grad`` on the same transformed batch (and on the
 student's regions); (3) the distiller returns the weighted KD terms, scaled by cf; (4) they are
@@ -12,9 +17,11 @@ separately to metrics.json and TensorBoard by the trainer.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List
+import functools
+from typing import Any, Callable, Dict, List
 
 import torch
+from torch import nn
 
 from .distiller import Distiller
 from .taps import TapRecorder
@@ -38,22 +45,39 @@ class KDTrainerMixin:
         """0-based, fractional epoch of the current iteration (A7)."""
         return float(self.iter) / float(max(1, self.epoch_iters))
 
-    def compute_losses(self, batch: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
-        """alpha * task losses + the distiller's KD terms (teacher skipped while cf = 0)."""
+    def kd_forward(self, student: nn.Module,
+                   forward: Callable[[], Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+        """THE KD step, shared by every training loop: ``forward()`` is the student's own
+        task-loss forward (``model(images, targets)`` here, ``model(batched_inputs)`` in
+        detectron2); it runs with the adapter's taps on ``student``, then the frozen teacher runs
+        and the distiller's terms are added.
+
+        Args:
+            student: the model ``forward`` calls (a DDP wrapper is unwrapped for the taps).
+            forward: zero-argument callable returning the task loss dict.
+
+        Returns:
+            ``{task loss: alpha * value} | {KD term: weight * cf * value}`` (KD terms absent
+            while cf = 0, when the teacher is not run at all).
+        """
         epoch = self.epoch
         if not self.distiller.active(epoch):
-            losses = super().compute_losses(batch)
-            return {k: self.task_weight * v for k, v in losses.items()}
-        student = self.model.module if hasattr(self.model, "module") else self.model
+            return {k: self.task_weight * v for k, v in forward().items()}
+        student = student.module if hasattr(student, "module") else student
         adapter = self.distiller.adapter
         with TapRecorder(student, adapter.student_taps()) as rec:
-            losses = super().compute_losses(batch)
+            losses = forward()
         s_in = adapter.student_inputs(rec)
         t_in = adapter.teacher_inputs(self.distiller.teacher, rec)
         kd = self.distiller(s_in, t_in, epoch)
         out = {k: self.task_weight * v for k, v in losses.items()}
         out.update(kd)
         return out
+
+    def compute_losses(self, batch: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        """:meth:`kd_forward` around :meth:`SimpleTrainer.compute_losses` (our trainer's
+        override point)."""
+        return self.kd_forward(self.model, functools.partial(super().compute_losses, batch))
 
     def after_backward(self) -> None:
         """Hooks, then average connector gradients over ranks (connectors are outside DDP)."""

@@ -51,16 +51,17 @@ register_detector_taps("rfdetr", {
 @KD_ADAPTER_REGISTRY.register("rfdetr")
 class RFDETRAdapter:
     """RF-DETR adapter (module docstring). ``query_topk``: teacher top-K of the pairing (0 = the
-    student's number of queries); set from ``KD.QUERY_TOPK`` by :meth:`configure`."""
+    student's number of queries); set from ``KD.QUERY_TOPK`` by :meth:`from_config`."""
 
     cls_kind = "binary"
 
-    def __init__(self) -> None:
-        self.query_topk = 0
+    def __init__(self, query_topk: int = 0) -> None:
+        self.query_topk = int(query_topk)
 
-    def configure(self, cfg) -> None:
-        """Read ``KD.QUERY_TOPK``."""
-        self.query_topk = int(cfg.KD.QUERY_TOPK)
+    @classmethod
+    def from_config(cls, cfg) -> "RFDETRAdapter":
+        """Adapter with ``KD.QUERY_TOPK`` (used by ``build_kd_adapter(name, cfg)``)."""
+        return cls(query_topk=int(cfg.KD.QUERY_TOPK))
 
     def student_taps(self):
         """Tap preset ``"rfdetr"``."""

@@ -2,7 +2,8 @@
 
 Config: ``KD.TEACHER_CONFIG`` (the joint teacher's YAML) and ``KD.TEACHER_WEIGHTS`` (its
 checkpoint), ``KD.W_*`` weights, ``KD.CF.*`` curriculum, ``KD.TEMPERATURE[_SCHEDULE]``,
-``KD.BETA_SCHEDULE`` (paper Eq. 24, §6.3). The student is ``MODEL.*``. After training, the
+``KD.BETA_SCHEDULE`` (paper Eq. 24, §6.3; classification Eq. 16 adds ``KD.W_KLD`` and the
+``KD.CLS`` layer selection). The student is ``MODEL.*``. After training, the
 student alone is exported to ``OUTPUT_DIR/model_student.pth`` (``{"model": state_dict}``: no
 teacher, hook or connector keys), loadable by the dataset-specific baseline config.
 """
@@ -24,6 +25,7 @@ from ..engine.defaults import DefaultTrainer, build_model, seed_all_rng
 from ..engine.trainer import SimpleTrainer
 from ..solver import build_optimizer
 from ..utils.errors import ConfigError
+from . import cls_adapter  # noqa: F401  (registers the "image_classifier" adapter)
 from .adapters import build_kd_adapter
 from .distiller import Distiller, freeze_teacher
 from .mixin import KDTrainerMixin
@@ -32,7 +34,8 @@ from .schedules import build_schedule
 logger = logging.getLogger(__name__)
 
 #: adapter name per ``MODEL.META_ARCHITECTURE``.
-ADAPTER_FOR_ARCH = {"faster_rcnn": "torchvision_faster_rcnn", "rfdetr": "rfdetr"}
+ADAPTER_FOR_ARCH = {"faster_rcnn": "torchvision_faster_rcnn", "image_classifier": "image_classifier",
+                    "rfdetr": "rfdetr"}
 
 
 class KDSimpleTrainer(KDTrainerMixin, SimpleTrainer):
@@ -83,12 +86,16 @@ def _embedding_dim(model: nn.Module) -> Optional[int]:
     return last.out_features if last is not None else None
 
 
-def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module) -> Distiller:
-    """Distiller for ``student``/``teacher`` from ``cfg.KD`` (weights, schedules, options)."""
-    arch = cfg.MODEL.META_ARCHITECTURE
-    if arch not in ADAPTER_FOR_ARCH:
-        raise ConfigError(f"MODEL.META_ARCHITECTURE '{arch}' has no KD adapter; known: {sorted(ADAPTER_FOR_ARCH)}")
-    kd = cfg.KD
+def distiller_options(kd) -> dict:
+    """Keyword arguments of :class:`Distiller` read from a ``KD`` config node: weights, cf,
+    temperature (+ schedule), beta schedule and loss options (paper Eq. 24, §6.3).
+
+    Shared by this trainer and the detectron2 one (:mod:`mdkd_det.d2.trainer`), whose ``KD``
+    node has the same keys (:func:`mdkd_det.d2.config.add_mdkd_config`).
+
+    Raises:
+        ConfigError: unknown ``KD.TEMPERATURE_SCHEDULE`` / ``KD.BETA_SCHEDULE``.
+    """
     cf = build_schedule(kd.CF.SCHEDULE, **(
         {"value": kd.CF.MAX} if kd.CF.SCHEDULE == "constant"
         else {"warmup": kd.CF.WARMUP, "ramp": kd.CF.RAMP, "max_value": kd.CF.MAX}))
@@ -104,19 +111,9 @@ def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module) -> Dis
                                  warmup=kd.BETA_RAMP.WARMUP, ramp=kd.BETA_RAMP.RAMP)
     elif kd.BETA_SCHEDULE != "constant":
         raise ConfigError(f"KD.BETA_SCHEDULE must be 'constant' or 'beta', got '{kd.BETA_SCHEDULE}'")
-    s_unwrapped = student.module if hasattr(student, "module") else student
-    adapter = build_kd_adapter(ADAPTER_FOR_ARCH[arch])
-    if hasattr(adapter, "configure"):  # adapters with options read them from cfg
-        adapter.configure(cfg)
-    distiller = Distiller(
-        teacher=teacher,
-        adapter=adapter,
-        student_shapes=s_unwrapped.backbone.output_shape(),
-        teacher_shapes=teacher.backbone.output_shape(),
-        student_emb_dim=_embedding_dim(s_unwrapped),
-        teacher_emb_dim=_embedding_dim(teacher),
+    return dict(
         weights={"con": kd.W_CON, "falgn": kd.W_FALGN, "cos": kd.W_COS, "att": kd.W_ATT,
-                 "clskd": kd.W_CLSKD, "roikd": kd.W_ROIKD},
+                 "clskd": kd.W_CLSKD, "roikd": kd.W_ROIKD, "kld": kd.W_KLD},
         cf=cf,
         temperature=kd.TEMPERATURE,
         temperature_schedule=t_sched,
@@ -125,6 +122,32 @@ def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module) -> Dis
         cls_kind=None if kd.CLSKD_KIND == "auto" else kd.CLSKD_KIND,
         reduction=kd.REDUCTION,
         con_mask_diag=kd.CON_MASK_DIAG,
+    )
+
+
+def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module) -> Distiller:
+    """Distiller for ``student``/``teacher`` from ``cfg.KD`` (weights, schedules, options)."""
+    arch = cfg.MODEL.META_ARCHITECTURE
+    s_unwrapped = student.module if hasattr(student, "module") else student
+    # The model may name its own adapter (segmenters: "encoder_features"); else by architecture.
+    adapter_name = ADAPTER_FOR_ARCH.get(arch) or getattr(s_unwrapped, "kd_adapter", None)
+    if adapter_name is None:
+        raise ConfigError(f"MODEL.META_ARCHITECTURE '{arch}' has no KD adapter (no ADAPTER_FOR_ARCH "
+                          f"entry {sorted(ADAPTER_FOR_ARCH)} and no model attribute 'kd_adapter')")
+    adapter = build_kd_adapter(adapter_name, cfg)
+    if hasattr(adapter, "kd_shapes"):  # the adapter selects and pairs the distilled levels
+        s_shapes, t_shapes, pairs = adapter.kd_shapes(s_unwrapped, teacher)
+    else:
+        s_shapes, t_shapes, pairs = s_unwrapped.backbone.output_shape(), teacher.backbone.output_shape(), None
+    distiller = Distiller(
+        teacher=teacher,
+        adapter=adapter,
+        student_shapes=s_shapes,
+        teacher_shapes=t_shapes,
+        level_pairs=pairs,
+        student_emb_dim=_embedding_dim(s_unwrapped),
+        teacher_emb_dim=_embedding_dim(teacher),
+        **distiller_options(cfg.KD),
     )
     return distiller.to(torch.device(cfg.MODEL.DEVICE))
 

@@ -277,6 +277,8 @@ class DomainAdversarialMixin:
             tgt_feats = rec["features"]
             for k, v in tgt_losses.items():
                 losses[f"tgt_{k}"] = self.r * v
+        elif hasattr(inner, "backbone_features"):  # models that own their preprocessing (seg)
+            tgt_feats = inner.backbone_features(tgt_images)
         else:
             image_list, _ = inner.transform(tgt_images)
             tgt_feats = inner.backbone(image_list.tensors)

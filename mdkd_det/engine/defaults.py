@@ -22,7 +22,6 @@ import torch
 
 from ..config import CfgNode, get_cfg
 from ..data.build import build_detection_train_loader, get_dataset_records
-from ..evaluation import print_metrics_table
 from ..modeling.registry import DETECTOR_REGISTRY
 from ..solver import build_lr_scheduler, build_optimizer
 from ..tasks import get_task
@@ -173,7 +172,7 @@ def do_test(cfg: CfgNode, model: torch.nn.Module, output_dir: Optional[str] = No
         res = task.evaluate(cfg, model, name, records, out)
         results[name] = res
         if comm.is_main_process():
-            logger.info("Evaluation on %s:\n%s", name, print_metrics_table(res))
+            logger.info("Evaluation on %s:\n%s", name, task.metrics_table(res))
     return results
 
 

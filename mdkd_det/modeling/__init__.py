@@ -1,4 +1,4 @@
 """Modeling: registries, backbones, fusion, detectors, domain-adversarial heads."""
 
 from .registry import BACKBONE_REGISTRY, DETECTOR_REGISTRY  # noqa: F401
-from . import backbone, fusion, meta_arch  # noqa: F401  (register built-ins)
+from . import backbone, fusion, meta_arch, seg  # noqa: F401  (register built-ins)

@@ -23,6 +23,12 @@ teachers in ``OUTPUT_DIR/source_teacher_<name>/``). A stage whose ``model_final.
 only a ``last_checkpoint`` resumes exactly. ``OUTPUT_DIR/results.json`` and ``results.md``
 collect the target-evaluation rows (the task's ``row_metrics``, e.g. AP/AP50 in percent for
 detection) and each stage's wall time.
+
+Model selection: by default a row is the stage's final model. With ``PIPELINE.VAL_DATASET``
+(e.g. the MSD lung hold-out ``msd_lung_val``) every evaluated stage validates on that dataset
+every ``PIPELINE.VAL_PERIOD`` iterations, keeps ``model_best.pth`` by the task's primary metric
+(:class:`~mdkd_det.engine.hooks.EvalHook`), and its row is that best model evaluated on
+``DATASETS.TEST[0]``; later stages load the selected teachers (``model_best.pth``).
 """
 
 from __future__ import annotations
@@ -79,6 +85,7 @@ class PipelineRunner:
         self.sources = list(cfg.PIPELINE.SOURCES)
         self.root = cfg.OUTPUT_DIR
         self.task = get_task(cfg)
+        self.val_dataset = str(cfg.PIPELINE.VAL_DATASET)
         self.wall: Dict[str, float] = {}
         self.rows: Dict[str, dict] = {}
 
@@ -131,9 +138,13 @@ class PipelineRunner:
             c.SOLVER.MAX_ITER = self._iters("STUDENT")
             c.KD.ENABLED = True
             c.KD.TEACHER_CONFIG = os.path.join(self.stage_dir("joint_teacher"), "config.yaml")
-            c.KD.TEACHER_WEIGHTS = os.path.join(self.stage_dir("joint_teacher"), "model_final.pth")
+            c.KD.TEACHER_WEIGHTS = self.selected_checkpoint(self.stage_dir("joint_teacher"))
         else:
             raise ConfigError(f"unknown stage '{stage}'")
+        if self.val_dataset and stage != "source_teacher":  # validate, keep model_best.pth
+            c.DATASETS.TEST = (self.val_dataset,)
+            c.TEST.EVAL_PERIOD = int(c.PIPELINE.VAL_PERIOD) or int(c.TEST.EVAL_PERIOD)
+        self.task.configure_stage(c, stage, source)
         c.SOLVER.CHECKPOINT_PERIOD = min(int(c.SOLVER.CHECKPOINT_PERIOD), int(c.SOLVER.MAX_ITER))
         c.OUTPUT_DIR = self.stage_dir(stage, source)
         c.freeze()
@@ -154,9 +165,15 @@ class PipelineRunner:
 
     def teacher_checkpoints(self) -> List[str]:
         """Stage-1 checkpoints, target teacher first (the query of cross-attention fusion)."""
-        paths = [os.path.join(self.stage_dir("target_teacher"), "model_final.pth")]
+        paths = [self.selected_checkpoint(self.stage_dir("target_teacher"))]
         paths += [os.path.join(self.stage_dir("source_teacher", s), "model_final.pth") for s in self.sources]
         return paths
+
+    def selected_checkpoint(self, out_dir: str) -> str:
+        """``out_dir/model_best.pth`` when validating (``PIPELINE.VAL_DATASET``) and it exists,
+        else ``out_dir/model_final.pth``."""
+        best = os.path.join(out_dir, "model_best.pth")
+        return best if self.val_dataset and os.path.isfile(best) else os.path.join(out_dir, "model_final.pth")
 
     # --- running --------------------------------------------------------------------------
     def _done(self, out_dir: str) -> bool:
@@ -185,18 +202,57 @@ class PipelineRunner:
         trainer = make_trainer(cfg)
         trainer.resume_or_load(resume=resume)
         results = trainer.train()
+        key = self.task.result_key
+        selected = self._load_best(trainer, out) if self.val_dataset and cfg.DATASETS.TEST else None
         if after_train is not None:
             after_train(trainer)
-        key = self.task.result_key
-        metrics = results.get(key) if results else None
-        if not metrics and cfg.DATASETS.TEST:  # no eval hook ran (resumed at the end): evaluate
-            metrics = trainer.test()[self.eval_dataset][key]
+        if self.val_dataset and cfg.DATASETS.TEST:  # the selected model on the report dataset
+            metrics = self._test_on(trainer, cfg, self.eval_dataset)[key]
+            if selected and checkpoint == "model_final.pth":
+                checkpoint = "model_best.pth"
+        else:
+            metrics = results.get(key) if results else None
+            if not metrics and cfg.DATASETS.TEST:  # no eval hook ran (resumed at the end): evaluate
+                metrics = trainer.test()[self.eval_dataset][key]
         wall = time.perf_counter() - t0
         res = {**row_values(self.task, metrics),
                "checkpoint": os.path.abspath(os.path.join(out, checkpoint)), "wall_time_s": wall}
+        if selected:
+            res["selected_by"] = selected
         if comm.is_main_process():
             atomic_write_text(result_file, json.dumps(res, indent=2))
         return res
+
+    def _load_best(self, trainer, out: str) -> Optional[dict]:
+        """Load ``out/model_best.pth`` (model weights only) into the trained model; return
+        ``{"dataset", "metric", "value", "iteration"}`` of the selection, or None if absent."""
+        from ..engine.checkpointer import Checkpointer, unwrap_model
+
+        best, side = os.path.join(out, "model_best.pth"), os.path.join(out, "model_best.json")
+        if not os.path.isfile(best):
+            logger.warning("[pipeline] %s: no model_best.pth (validation metric missing); "
+                           "reporting the final model", out)
+            return None
+        Checkpointer(unwrap_model(trainer.model), out).load(best, checkpointables=[])
+        info = {}
+        if os.path.isfile(side):
+            with open(side) as f:
+                info = json.load(f)
+        return {"dataset": self.val_dataset, **info}
+
+    @staticmethod
+    def _test_on(trainer, cfg: CfgNode, dataset: str) -> dict:
+        """``trainer.test()`` on ``dataset`` alone (the trainer's own test, e.g. the multi-head
+        target head), returning that dataset's result."""
+        tcfg = cfg.clone()
+        tcfg.defrost()
+        tcfg.DATASETS.TEST = (dataset,)
+        tcfg.freeze()
+        saved, trainer.cfg = trainer.cfg, tcfg
+        try:
+            return trainer.test()[dataset]
+        finally:
+            trainer.cfg = saved
 
     def run(self) -> dict:
         """Run the selected stages in order and write ``results.json`` / ``results.md``."""
@@ -240,7 +296,8 @@ class PipelineRunner:
                                     checkpoint="model_target_head.pth",
                                     after_train=lambda t: t.export_head(names[0], head_ckpt))
             elif stage == "student":
-                res = self._run_one(stage, scfg, KDTrainer, checkpoint="model_student.pth")
+                res = self._run_one(stage, scfg, KDTrainer, checkpoint="model_student.pth",
+                                    after_train=self._export_student if self.val_dataset else None)
             else:
                 res = self._run_one(stage, scfg, DefaultTrainer)
             self.wall[stage] = res["wall_time_s"]
@@ -249,6 +306,13 @@ class PipelineRunner:
             if stage == "target_teacher" and cfg.PIPELINE.REUSE_TARGET_TEACHER_AS_BASELINE:
                 self.rows["dataset_specific"] = dict(res, reused_from="target_teacher")
         return self.write_results()
+
+    @staticmethod
+    def _export_student(trainer) -> None:
+        """Re-export ``model_student.pth`` from the selected (best-on-validation) student."""
+        from ..engine.checkpointer import export_model
+
+        export_model(trainer.model, os.path.join(trainer.cfg.OUTPUT_DIR, "model_student.pth"))
 
     def _collect(self, stage: str, scfg: CfgNode) -> None:
         """Pick up the row of a stage finished in an earlier run (not run now)."""
@@ -282,7 +346,8 @@ class PipelineRunner:
             "metrics": list(self.task.row_metrics),
             "rows": {k: {**{m: _num(v.get(m)) for m in self.task.row_metrics},
                          "checkpoint": v.get("checkpoint"),
-                         **({"reused_from": v["reused_from"]} if v.get("reused_from") else {})}
+                         **({"reused_from": v["reused_from"]} if v.get("reused_from") else {}),
+                         **({"selected_by": v["selected_by"]} if v.get("selected_by") else {})}
                      for k, v in self.rows.items()},
             "wall_time_s": {k: round(float(v), 1) for k, v in self.wall.items()},
         }
@@ -314,6 +379,9 @@ class PipelineRunner:
             if paper:
                 line += " " + (" / ".join(f"{v:.2f}" for v in paper[key]) if key in paper else "n/a") + " |"
             lines.append(line)
+        if self.val_dataset:
+            lines += ["", f"Each row: the checkpoint with the best {self.task.best_metric} on "
+                          f"{self.val_dataset} (PIPELINE.VAL_DATASET), evaluated on {results['eval_dataset']}."]
         lines += ["", "| Stage | wall time (s) |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in results["wall_time_s"].items()]
         return "\n".join(lines) + "\n"

@@ -6,6 +6,6 @@ evaluation, the best-model metric and the metric columns of the results table.
 """
 
 from .base import TASK_REGISTRY, Task, get_task
-from . import detection  # noqa: F401  (registers "detection")
+from . import classification, detection, segmentation  # noqa: F401  (register the built-in tasks)
 
 __all__ = ["TASK_REGISTRY", "Task", "get_task"]

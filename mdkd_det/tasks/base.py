@@ -51,6 +51,10 @@ class Task:
         """``mapper(record, seed=None) -> dict`` producing one model input."""
         raise NotImplementedError
 
+    def register_datasets(self, cfg) -> None:
+        """Register the task's config-dependent dataset names in the catalog (called by
+        :func:`~mdkd_det.data.build.get_dataset_records` before loading). Default: none."""
+
     def check_dataset(self, cfg, dataset_name: str) -> None:
         """Raise :class:`~mdkd_det.utils.errors.ConfigError` when ``dataset_name`` does not fit
         the model config (e.g. class count). Default: no check."""
@@ -60,6 +64,19 @@ class Task:
         """Evaluate ``model`` on ``records`` of ``dataset_name``; write files under
         ``output_dir``; return ``{result_key: {metric: value}, ...}``."""
         raise NotImplementedError
+
+    def configure_stage(self, cfg, stage: str, source: Optional[str] = None) -> None:
+        """Task-specific delta of one pipeline stage's config (unfrozen ``cfg``, edited in
+        place), applied by :class:`~mdkd_det.pipeline.PipelineRunner` after its own delta.
+        ``stage`` is a pipeline stage name (``"source_teacher"`` with ``source`` for Stage 1).
+        Default: nothing (detection)."""
+
+    def metrics_table(self, results: Mapping[str, dict]) -> str:
+        """Plain-text table of one :meth:`evaluate` result, for the log. Default: the
+        detection table (:func:`~mdkd_det.evaluation.print_metrics_table`)."""
+        from ..evaluation import print_metrics_table
+
+        return print_metrics_table(results)
 
     def paper_reference(self, cfg, target: str) -> Tuple[str, Dict[str, Tuple[float, ...]]]:
         """``(caption, {row: values in row_metrics order})`` of the paper's table for this task,

@@ -39,6 +39,7 @@ from .coco import load_coco_json
 from .deeplesion import load_deeplesion
 from .deeplesion_sample import load_deeplesion_sample
 from .lung_pet_ct_dx import load_lung_pet_ct_dx, lung_pet_ct_dx_metadata
+from .msd_lung import SEG_NAMES, register_seg_datasets
 from .splits import lungct_series_id, split_by_patient
 
 __all__ = ["BUILTIN_NAMES", "builtin_paths", "register_builtin"]
@@ -62,7 +63,7 @@ BUILTIN_NAMES: Tuple[str, ...] = (
     "deeplesion_train",
     "deeplesion_val",
     "deeplesion_test",
-)
+) + SEG_NAMES  # segmentation: msd_lung_{train,val,test}, <detection name>_boxmask (msd_lung.py)
 
 _state = {"key": None}
 
@@ -180,5 +181,10 @@ def register_builtin(
         reg(f"deeplesion_{split}", _split_loader(dl_full, split, split_seed, fractions),
             **lesion_meta)
 
+    def reg_seg(name: str, loader: Callable[[], List[dict]], **meta) -> None:
+        DatasetCatalog.register(name, loader)
+        MetadataCatalog.get(name).set(dataset_root=root, **meta)
+
+    register_seg_datasets(reg_seg, root, split_seed)
     _state["key"] = key
     return list(BUILTIN_NAMES)

@@ -2,6 +2,6 @@
 
 from .base import Backbone, WrappedBackbone
 from .build import build_backbone
-from . import torchvision_fpn, timm_fpn, rfdetr_dinov2  # noqa: F401  (register built-ins)
+from . import torchvision_fpn, timm_fpn, timm_classification, rfdetr_dinov2  # noqa: F401  (register built-ins)
 
 __all__ = ["Backbone", "WrappedBackbone", "build_backbone"]

@@ -17,9 +17,10 @@ backward"). ``no_grad`` costs the same here since the teachers hold no autograd 
 from __future__ import annotations
 
 import logging
+import math
 import os
 from collections import OrderedDict
-from typing import Iterator, List, Optional, Sequence
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -95,23 +96,39 @@ class FusionBackbone(Backbone):
         out_channels: channels of every fused map (paper: fixed number; 256).
         teacher_inputs: one :class:`TeacherInput` (or None = identity) per teacher.
         fusion_kwargs: extra keyword arguments for every fusion operator.
+        level_match: ``"keys"`` (every teacher has teacher 0's keys and strides) or
+            ``"stride"``: for each level of teacher 0, teacher k contributes its map with the
+            nearest stride (log2 distance; ties -> the finer map), resized to teacher 0's H, W
+            by the fusion op. This is how a segmentation joint teacher fuses cross-task CT
+            detection backbones (FPN strides 4..64) with seg encoders (strides 1..16).
+        levels: teacher-0 levels to fuse (default all); e.g. only the last-stage map for the
+            classification joint teacher (A6).
+
+    ``out_channels = 0`` keeps teacher 0's channels at every level (seg fusion, A5: "the output
+    keeps the teacher's C_l"); ``self.out_channels`` is then the deepest level's.
 
     Shapes:
-        forward(x: Tensor[B, C, H, W]) -> OrderedDict[name, Tensor[B, out_channels, H/s, W/s]]
-        with the first teacher's names and strides s (px).
+        forward(x: Tensor[B, C, H, W]) -> OrderedDict[name, Tensor[B, C_name, H/s, W/s]]
+        with the first teacher's names and strides s (px). An operator with ``output_names``
+        (e.g. "fa_blocks") returns several maps per level; they become levels named
+        ``output_names`` (prefixed ``"<level>_"`` when more than one level is fused).
 
     Raises:
-        ValueError: no teachers; a teacher's keys or strides differ from teacher 0's (the
-            message names the teacher index and both key/stride sets); wrong number of
-            ``teacher_inputs``.
+        ValueError: no teachers; with ``level_match="keys"`` a teacher's keys or strides differ
+            from teacher 0's (the message names the teacher index and both key/stride sets);
+            wrong number of ``teacher_inputs``; unknown ``level_match``; a ``levels`` name that
+            is not a teacher level.
         RegistryError: unknown ``fusion_op``.
     """
 
     def __init__(self, teachers: Sequence[nn.Module], fusion_op: str = "concat1x1",
                  out_channels: int = 256,
                  teacher_inputs: Optional[Sequence[Optional[TeacherInput]]] = None,
-                 fusion_kwargs: Optional[dict] = None) -> None:
+                 fusion_kwargs: Optional[dict] = None, level_match: str = "keys",
+                 levels: Optional[Sequence[str]] = None) -> None:
         super().__init__()
+        if level_match not in LEVEL_MATCH_MODES:
+            raise ValueError(f"FusionBackbone: level_match must be one of {LEVEL_MATCH_MODES}, got {level_match!r}")
         teachers = list(teachers)
         if not teachers:
             raise ValueError("FusionBackbone needs at least one teacher backbone")
@@ -122,7 +139,9 @@ class FusionBackbone(Backbone):
                              f"{len(teachers)} teachers")
         shapes = [t.output_shape() for t in teachers]
         ref = shapes[0]
-        for i, s in enumerate(shapes[1:], start=1):
+        self.level_maps = [match_levels_nearest_stride(ref, s) if level_match == "stride"
+                           else {k: k for k in ref} for s in shapes]
+        for i, s in enumerate(shapes[1:] if level_match == "keys" else [], start=1):
             if list(s) != list(ref):
                 raise ValueError(f"FusionBackbone: teacher {i} has output keys {list(s)}, "
                                  f"teacher 0 has {list(ref)}; teachers must share key sets")
@@ -138,14 +157,24 @@ class FusionBackbone(Backbone):
         self.teachers.requires_grad_(False)
         self.teachers.eval()
         self.fusion_op_name = fusion_op
-        self.out_channels = int(out_channels)
+        levels = list(ref) if not levels else [str(lv) for lv in levels]
+        bad = [lv for lv in levels if lv not in ref]
+        if bad:
+            raise ValueError(f"FusionBackbone: levels {bad} are not teacher levels {list(ref)}")
         self.fusion = nn.ModuleDict()
-        for name, spec in ref.items():
-            in_ch = [s[name].channels for s in shapes]
-            self.fusion[name] = build_fusion_op(fusion_op, in_ch, self.out_channels,
-                                                **(fusion_kwargs or {}))
-            self._out_feature_channels[name] = self.out_channels
-            self._out_feature_strides[name] = int(spec.stride)
+        self._out_names: Dict[str, List[str]] = {}
+        for name in levels:
+            in_ch = [s[m[name]].channels for s, m in zip(shapes, self.level_maps)]
+            out_ch = int(out_channels) or int(ref[name].channels)
+            op = build_fusion_op(fusion_op, in_ch, out_ch, **(fusion_kwargs or {}))
+            self.fusion[name] = op
+            names = getattr(op, "output_names", None)
+            outs = [name] if names is None else [n if len(levels) == 1 else f"{name}_{n}" for n in names]
+            self._out_names[name] = outs
+            for out in outs:
+                self._out_feature_channels[out] = out_ch
+                self._out_feature_strides[out] = int(ref[name].stride)
+        self.out_channels = int(out_channels) or self._out_feature_channels[self._out_names[levels[-1]][-1]]
 
     @property
     def num_teachers(self) -> int:
@@ -171,13 +200,38 @@ class FusionBackbone(Backbone):
             return [t(norm(x)) for t, norm in zip(self.teachers, self.teacher_inputs)]
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        return self.forward_levels(x, list(self.fusion))
+        return self.forward_levels(x, None)
 
-    def forward_levels(self, x: torch.Tensor, names) -> "OrderedDict[str, torch.Tensor]":
-        """Fused maps of the levels ``names`` only (a detector that reads a subset of the
-        levels, e.g. the RF-DETR decoder, skips the other fusion ops)."""
+    def forward_levels(self, x: torch.Tensor, names=None) -> "OrderedDict[str, torch.Tensor]":
+        """Fused maps of the output levels ``names`` only (None = all): a detector that reads a
+        subset of the levels, e.g. the RF-DETR decoder, skips the other fusion ops."""
         feats = self.teacher_features(x)
-        return OrderedDict((name, self.fusion[name]([f[name] for f in feats])) for name in names)
+        out = OrderedDict()
+        for name, op in self.fusion.items():
+            if names is not None and not set(self._out_names[name]) & set(names):
+                continue  # no requested level comes from this op
+            fused = op([f[m[name]] for f, m in zip(feats, self.level_maps)])
+            if isinstance(fused, torch.Tensor):
+                fused = [fused]
+            out.update(zip(self._out_names[name], fused))
+        return out if names is None else OrderedDict((n, out[n]) for n in names)
+
+
+LEVEL_MATCH_MODES = ("keys", "stride")
+
+
+def match_levels_nearest_stride(ref: Mapping, other: Mapping) -> Dict[str, str]:
+    """``{ref level: other level}`` pairing each level of ``ref`` with the level of ``other``
+    whose stride is nearest in log2 (ties -> the finer one).
+
+    Args:
+        ref, other: ``{name: ShapeSpec}`` (``output_shape()``), strides in px.
+    """
+    out = {}
+    for name, spec in ref.items():
+        out[name] = min(other, key=lambda k: (abs(math.log2(other[k].stride) - math.log2(spec.stride)),
+                                              other[k].stride))
+    return out
 
 
 def _read_checkpoint(path: str) -> dict:
@@ -284,7 +338,9 @@ def build_fusion_backbone(cfg) -> FusionBackbone:
     TEACHER_PIXEL_MEAN`` / ``TEACHER_PIXEL_STD`` (lists of per-teacher lists; ``[]`` = the
     joint model's ``MODEL.PIXEL_MEAN``/``STD``). Teachers are built with the rest of ``cfg``
     (``MODEL.BACKBONE.NORM``, ``MODEL.FPN.OUT_CHANNELS``, ``INPUT.CHANNELS``) and
-    ``MODEL.BACKBONE.PRETRAINED=False`` (weights come from the checkpoints).
+    ``MODEL.BACKBONE.PRETRAINED=False`` (weights come from the checkpoints). ``FUSION.LEVELS``
+    (``[]`` = all) selects the fused levels; an operator with a ``config_kwargs(cfg)``
+    classmethod takes its options from config (``"fa_blocks"``: ``FUSION.FA_BLOCKS`` ...).
 
     Raises:
         ConfigError: no teacher backbones, inconsistent list lengths, or "fusion" as a teacher.
@@ -303,6 +359,13 @@ def build_fusion_backbone(cfg) -> FusionBackbone:
                           "teacher backbone (target teacher first)")
     names = _per_teacher(names, n, "FUSION.TEACHER_BACKBONES", None)
     ckpts = _per_teacher(ckpts, n, "FUSION.TEACHERS", "") if ckpts else [""] * n
+    extra, extra_names = list(get("EXTRA_TEACHERS", [])), list(get("EXTRA_TEACHER_BACKBONES", []))
+    if extra:
+        ckpts += extra
+        names += _per_teacher(extra_names, len(extra), "FUSION.EXTRA_TEACHER_BACKBONES", None)
+        if None in names:
+            raise ConfigError("FUSION.EXTRA_TEACHERS needs FUSION.EXTRA_TEACHER_BACKBONES (registry names)")
+        n = len(ckpts)
     if "fusion" in names:
         raise ConfigError("FUSION.TEACHER_BACKBONES must not contain 'fusion'")
     means = _per_teacher(get("TEACHER_PIXEL_MEAN", []), n, "FUSION.TEACHER_PIXEL_MEAN",
@@ -321,5 +384,12 @@ def build_fusion_backbone(cfg) -> FusionBackbone:
             logger.warning("FUSION teacher %d (%s) has no checkpoint: random weights", i, name)
         teachers.append(t)
         inputs.append(TeacherInput(means[i], stds[i], cfg.MODEL.PIXEL_MEAN, cfg.MODEL.PIXEL_STD))
-    return FusionBackbone(teachers, fusion_op=get("OP", "concat1x1"),
-                          out_channels=int(get("OUT_CHANNELS", 256)), teacher_inputs=inputs)
+    from .ops import FUSION_REGISTRY
+
+    op_name = get("OP", "concat1x1")
+    op_cls = FUSION_REGISTRY.get(op_name)
+    # operator options from config, when the operator declares them (e.g. "fa_blocks")
+    kwargs = op_cls.config_kwargs(cfg) if hasattr(op_cls, "config_kwargs") else None
+    return FusionBackbone(teachers, fusion_op=op_name, out_channels=int(get("OUT_CHANNELS", 256)),
+                          teacher_inputs=inputs, fusion_kwargs=kwargs,
+                          level_match=str(get("LEVEL_MATCH", "keys")), levels=list(get("LEVELS", ())))

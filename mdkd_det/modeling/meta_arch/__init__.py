@@ -1,3 +1,3 @@
-"""Detector builders (registered in ``DETECTOR_REGISTRY``)."""
+"""Model builders (registered in ``DETECTOR_REGISTRY``): detectors and the image classifier."""
 
-from . import faster_rcnn, rfdetr  # noqa: F401
+from . import classifier, faster_rcnn, rfdetr, segmenter  # noqa: F401

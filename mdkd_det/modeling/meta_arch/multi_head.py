@@ -1,12 +1,13 @@
-"""Multi-head multi-dataset Faster R-CNN: the paper's multi-head baseline (C38).
+"""Multi-head multi-dataset model: the paper's multi-head baseline (C38).
 
 "Share a common backbone across datasets with dataset-specific detection heads": one
-:class:`~mdkd_det.modeling.backbone.Backbone` instance is shared by D torchvision ``FasterRCNN``
-detectors (one per dataset, each built by :func:`build_faster_rcnn` with ``backbone=shared``),
-so each dataset has its own RPN and RoI heads while the backbone (and FPN) receive the
-gradients of every dataset.
+:class:`~mdkd_det.modeling.backbone.Backbone` instance is shared by D models (one per dataset),
+each built by the ``MODEL.META_ARCHITECTURE`` builder of ``DETECTOR_REGISTRY`` with
+``backbone=shared``: torchvision ``FasterRCNN`` heads (RPN + RoI head per dataset), UNet
+decoders (``"unet"`` / ``"tresunet"``) or image classifiers (``"image_classifier"``). The
+shared backbone receives the gradients of every dataset.
 
-``head(name)`` is an ordinary torchvision ``FasterRCNN`` (its ``state_dict`` loads with
+``head(name)`` is an ordinary model of that architecture (its ``state_dict`` loads with
 ``strict=True`` into a plain detector built from the same config), usable by ``do_test`` and
 exportable as a Stage-1/baseline checkpoint.
 
@@ -76,6 +77,7 @@ class MultiHeadFasterRCNN(nn.Module):
         shared = backbone if backbone is not None else build_backbone(cfg)
         self.dataset_names: List[str] = names
         self._keys: Dict[str, str] = dict(zip(names, keys))
+        # Any registered model taking ``backbone=``: Faster R-CNN heads, or seg decoders (C38).
         build = DETECTOR_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
         self.detectors = nn.ModuleDict({self._keys[n]: build(cfg, backbone=shared) for n in names})
 

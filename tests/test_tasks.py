@@ -43,3 +43,9 @@ def test_results_table_follows_task_metrics(tmp_path):
     assert "| Model | DSC (%) | HD95 (px) |" in md
     assert "| Student | 71.23 | 3.50 |" in md
     assert "| Dataset-specific | n/a | n/a |" in md
+
+
+def test_default_metrics_table_prints_task_group():
+    table = _SegLike().metrics_table({"segm": {"DSC": 64.657, "HD95": 6.99, "per_patch": [1, 2]}})
+    assert "| DSC | 64.66 |" in table and "| HD95 | 6.99 |" in table and "per_patch" not in table
+    assert "AP50" in get_task("detection").metrics_table({"bbox": {"AP": 1.0}})

@@ -72,11 +72,12 @@ class Task:
         Default: nothing (detection)."""
 
     def metrics_table(self, results: Mapping[str, dict]) -> str:
-        """Plain-text table of one :meth:`evaluate` result, for the log. Default: the
-        detection table (:func:`~mdkd_det.evaluation.print_metrics_table`)."""
-        from ..evaluation import print_metrics_table
-
-        return print_metrics_table(results)
+        """Plain-text ``| metric | value |`` table of the ``result_key`` group of one
+        :meth:`evaluate` result, for the log (floats with 2 decimals, in the task's units)."""
+        m = results.get(self.result_key, {})
+        return "\n".join(["| metric | value |", "|---|---|"] +
+                         [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |"
+                          for k, v in m.items() if not isinstance(v, (list, dict))])
 
     def paper_reference(self, cfg, target: str) -> Tuple[str, Dict[str, Tuple[float, ...]]]:
         """``(caption, {row: values in row_metrics order})`` of the paper's table for this task,

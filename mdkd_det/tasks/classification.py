@@ -175,12 +175,6 @@ class ClassificationTask(Task):
                         {c: round(metrics[f"recall/{c}"], 2) for c in classes}, cm.tolist())
         return {"cls": metrics}
 
-    def metrics_table(self, results) -> str:
-        """``| metric | value |`` lines of the ``"cls"`` group (percent except num_images)."""
-        m = results.get("cls", {})
-        return "\n".join(["| metric | value |", "|---|---|"] +
-                         [f"| {k} | {v:.2f} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in m.items()])
-
     def paper_reference(self, cfg, target: str) -> Tuple[str, Dict[str, Tuple[float, ...]]]:
         """Paper Table 11 mean accuracy (other data: chest X-ray/CT COVID sets), student row L_k."""
         k = int(cfg.KD.CLS.K)

@@ -117,6 +117,12 @@ class DetectionTask(Task):
                                 num=len(chosen), score_thresh=float(cfg.TEST.VIS_SCORE_THRESH))
         return res
 
+    def metrics_table(self, results) -> str:
+        """AP/AP50/AP75/APs/APm/APl/AR100 (percent) and CPM: :func:`print_metrics_table`."""
+        from ..evaluation import print_metrics_table
+
+        return print_metrics_table(results)
+
     def paper_reference(self, cfg, target: str) -> Tuple[str, Dict[str, Tuple[float, ...]]]:
         """Paper Table 16 (Faster R-CNN) or 17 (RF-DETR) rows on LungCT / Lung-PET-CT-Dx /
         DeepLesion, by ``MODEL.META_ARCHITECTURE``."""

@@ -35,7 +35,7 @@ logger = logging.getLogger(__name__)
 
 #: adapter name per ``MODEL.META_ARCHITECTURE``.
 ADAPTER_FOR_ARCH = {"faster_rcnn": "torchvision_faster_rcnn", "image_classifier": "image_classifier",
-                    "rfdetr": "rfdetr"}
+                    "rfdetr": "rfdetr", "unet": "encoder_features", "tresunet": "encoder_features"}
 
 
 class KDSimpleTrainer(KDTrainerMixin, SimpleTrainer):
@@ -129,11 +129,9 @@ def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module) -> Dis
     """Distiller for ``student``/``teacher`` from ``cfg.KD`` (weights, schedules, options)."""
     arch = cfg.MODEL.META_ARCHITECTURE
     s_unwrapped = student.module if hasattr(student, "module") else student
-    # The model may name its own adapter (segmenters: "encoder_features"); else by architecture.
-    adapter_name = ADAPTER_FOR_ARCH.get(arch) or getattr(s_unwrapped, "kd_adapter", None)
+    adapter_name = ADAPTER_FOR_ARCH.get(arch)
     if adapter_name is None:
-        raise ConfigError(f"MODEL.META_ARCHITECTURE '{arch}' has no KD adapter (no ADAPTER_FOR_ARCH "
-                          f"entry {sorted(ADAPTER_FOR_ARCH)} and no model attribute 'kd_adapter')")
+        raise ConfigError(f"MODEL.META_ARCHITECTURE '{arch}' has no KD adapter; known: {sorted(ADAPTER_FOR_ARCH)}")
     adapter = build_kd_adapter(adapter_name, cfg)
     if hasattr(adapter, "kd_shapes"):  # the adapter selects and pairs the distilled levels
         s_shapes, t_shapes, pairs = adapter.kd_shapes(s_unwrapped, teacher)

@@ -29,7 +29,6 @@ PAPER_TABLE16 = {
     "DeepLesion": {"multi_head": (38.33, 70.68), "dataset_specific": (41.20, 73.91),
                    "joint_teacher": (49.94, 86.40), "student": (45.03, 80.46)},
 }
-#: paper table per ``MODEL.META_ARCHITECTURE``: (caption, {paper dataset key: rows}).
 #: Paper Table 17 (RF-DETR; the paper calls the dataset-specific row "Baseline").
 PAPER_TABLE17 = {
     "LungCT": {"multi_head": (61.88, 90.17), "dataset_specific": (64.69, 93.84),
@@ -39,6 +38,7 @@ PAPER_TABLE17 = {
     "DeepLesion": {"multi_head": (47.72, 78.54), "dataset_specific": (50.89, 80.13),
                    "joint_teacher": (52.78, 83.95), "student": (51.84, 82.46)},
 }
+#: paper table per ``MODEL.META_ARCHITECTURE``: (caption, {paper dataset key: rows}).
 PAPER_TABLES = {"faster_rcnn": ("paper Table 16 (full data, GPU)", PAPER_TABLE16),
                 "rfdetr": ("paper Table 17 (RF-DETR, full data, GPU)", PAPER_TABLE17)}
 

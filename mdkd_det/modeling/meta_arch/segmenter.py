@@ -13,7 +13,7 @@ and pipeline run it unchanged:
 - ``.backbone``: a :class:`~mdkd_det.modeling.backbone.Backbone` with encoder levels and the
   bottleneck (``MODEL.BACKBONE.NAME``: ``unet_encoder``, ``tresunet_encoder`` or ``fusion``
   for the joint teacher, whose decoder is new and trained from scratch, §3.2);
-- ``kd_adapter = "encoder_features"``: the KD adapter the distiller uses for this family.
+- KD: the ``"encoder_features"`` adapter (``ADAPTER_FOR_ARCH`` in :mod:`mdkd_det.distill.trainer`).
 """
 
 from __future__ import annotations
@@ -47,8 +47,6 @@ class EncoderDecoderSegmenter(nn.Module):
         ValueError: images of different sizes or channel counts in one batch; missing masks
             in training.
     """
-
-    kd_adapter = "encoder_features"
 
     def __init__(self, backbone: Backbone, block: str, pixel_mean: Sequence[float],
                  pixel_std: Sequence[float], loss: str = "dice_bce", smooth: float = 1.0) -> None:

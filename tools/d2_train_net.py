@@ -36,6 +36,7 @@ from detectron2.utils import comm  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
 
 from mdkd_det.d2 import MDKDTrainer, add_mdkd_config, register_mdkd_datasets  # noqa: E402
+from mdkd_det.d2.config import merge_d2_file  # noqa: E402
 
 logger = logging.getLogger("mdkd_det.tools.d2_train_net")
 
@@ -43,7 +44,7 @@ logger = logging.getLogger("mdkd_det.tools.d2_train_net")
 def setup(args):
     """detectron2 config with our keys, merged from ``--config-file`` and the opts."""
     cfg = add_mdkd_config(get_cfg())
-    cfg.merge_from_file(args.config_file)
+    merge_d2_file(cfg, args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
     default_setup(cfg, args)

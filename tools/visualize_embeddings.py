@@ -45,7 +45,7 @@ def _load(config: str, weights: str):
     cfg.MODEL.DEVICE = "cpu"
     weights = weights or os.path.join(os.path.dirname(config), "model_final.pth")
     model = build_model(cfg)
-    Checkpointer(model, cfg.OUTPUT_DIR).load(weights, checkpointables=[])
+    Checkpointer(model, cfg.OUTPUT_DIR, trust_checkpoints=cfg.MODEL.TRUST_CHECKPOINTS).load(weights, checkpointables=[])
     return cfg, model.eval()
 
 

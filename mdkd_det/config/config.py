@@ -57,6 +57,27 @@ def _file_defining(chain: Sequence[str], dotted_key: str) -> str:
     return chain[0] if chain else "<unknown file>"
 
 
+def yaml_error(path: str, e: yaml.YAMLError) -> ConfigError:
+    """A one-line :class:`ConfigError` for a YAML file that failed to load.
+
+    A Python tag (``!!python/object/apply:os.system``, ``!!python/name:...``) is refused, never
+    run: configs are always read with ``yaml.safe_load`` (issue 13). The message names the file
+    that holds the tag (the ``_BASE_`` file, if it came from there) and the tag.
+    """
+    mark = getattr(e, "problem_mark", None)
+    where = getattr(mark, "name", None) or path
+    if where.startswith("<"):
+        where = path
+    line = f":{mark.line + 1}" if mark is not None else ""
+    if isinstance(e, yaml.constructor.ConstructorError):
+        m = re.search(r"tag '([^']+)'", str(e.problem or e))
+        tag = m.group(1).replace("tag:yaml.org,2002:", "!!") if m else "?"
+        return ConfigError(f"{where}{line}: refused the YAML tag '{tag}': configs are read with "
+                           "yaml.safe_load and may hold only plain values, never Python objects")
+    first = " ".join(str(e).split())
+    return ConfigError(f"{where}{line}: invalid YAML: {first[:300]}")
+
+
 class CfgNode(_FvCfgNode):
     """fvcore ``CfgNode`` whose merge errors name the key and the file.
 
@@ -66,13 +87,18 @@ class CfgNode(_FvCfgNode):
             ``command line`` for ``KEY VALUE`` overrides.
     """
 
-    def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = True) -> None:
+    def merge_from_file(self, cfg_filename: str, allow_unsafe: bool = False) -> None:
+        """Merge a YAML file (and its ``_BASE_`` chain), always with ``yaml.safe_load``.
+
+        ``allow_unsafe`` is accepted for fvcore/detectron2 signature compatibility and ignored:
+        there is no way to make this load run code from a file.
+        """
         if not os.path.isfile(cfg_filename):
             raise ConfigError(f"config file not found: {cfg_filename}")
         try:
-            super().merge_from_file(cfg_filename, allow_unsafe=allow_unsafe)
+            super().merge_from_file(cfg_filename, allow_unsafe=False)
         except yaml.YAMLError as e:
-            raise ConfigError(f"{cfg_filename}: invalid YAML: {e}") from e
+            raise yaml_error(cfg_filename, e) from e
         except (KeyError, ValueError, AssertionError) as e:
             msg = e.args[0] if e.args else str(e)
             m = _KEY_RE.search(str(msg))

@@ -23,6 +23,12 @@ _C.MODEL.TASK = "detection"
 # Checkpoint to load before training/evaluation ("" = none). Our own checkpoints or a plain
 # torchvision state dict.
 _C.MODEL.WEIGHTS = ""
+# Load checkpoints with torch.load(weights_only=False), i.e. allow them to unpickle arbitrary
+# Python objects (which can run code). Off: every checkpoint (MODEL.WEIGHTS, --resume,
+# KD.TEACHER_WEIGHTS, FUSION.TEACHERS, MODEL.RFDETR.*) is read with weights_only=True and a file
+# that needs more is refused with a message. Turn on only for files you trust
+# (tools/train_net.py --trust-checkpoints sets it). Configs are always read with yaml.safe_load.
+_C.MODEL.TRUST_CHECKPOINTS = False
 # Per-channel mean/std applied by the detector after scaling pixels to [0, 1]
 # (torchvision's GeneralizedRCNNTransform). Grey CT replicated to 3 channels.
 _C.MODEL.PIXEL_MEAN = [0.485, 0.456, 0.406]

@@ -96,7 +96,8 @@ def build_fusion_backbone(cfg, input_shape: ShapeSpec) -> D2BackboneAdapter:
                           f"MODEL.PIXEL_MEAN has {len(joint_mean)}")
     teachers, inputs = [], []
     for i in range(n):
-        t, mean, std = build_teacher_backbone(fmts[i], cfgs[i], ckpts[i], names[i])
+        t, mean, std = build_teacher_backbone(fmts[i], cfgs[i], ckpts[i], names[i],
+                                              trust=bool(cfg.MODEL.TRUST_CHECKPOINTS))
         teachers.append(t)
         inputs.append(TeacherInput(means[i] or mean, stds[i] or std, joint_mean, joint_std))
     fusion = FusionBackbone(teachers, fusion_op=f.OP, out_channels=int(f.OUT_CHANNELS),

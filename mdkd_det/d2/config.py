@@ -36,6 +36,8 @@ def add_mdkd_config(cfg: CN) -> CN:
             ``DATASETS.SPLIT_FRACTIONS``, ``INPUT.WINDOW`` (HU level, width),
             ``INPUT.USE_DATASET_WINDOW``: our data keys (see mdkd_det/config/defaults.py).
         ``SOLVER.OPTIMIZER``: ``"SGD"`` (detectron2's) or ``"AdamW"`` (A18).
+        ``MODEL.TRUST_CHECKPOINTS``: as ours (load teacher checkpoints with
+            ``weights_only=False``; off).
     """
     if "FUSION" not in cfg:
         cfg.FUSION = _copy_node(_MDKD_DEFAULTS.FUSION)
@@ -48,7 +50,26 @@ def add_mdkd_config(cfg: CN) -> CN:
             cfg.DATASETS[key] = _MDKD_DEFAULTS.DATASETS[key]
     if "OPTIMIZER" not in cfg.SOLVER:
         cfg.SOLVER.OPTIMIZER = "SGD"  # or "AdamW" (mdkd_det.d2.trainer.build_d2_optimizer)
+    if "TRUST_CHECKPOINTS" not in cfg.MODEL:
+        cfg.MODEL.TRUST_CHECKPOINTS = _MDKD_DEFAULTS.MODEL.TRUST_CHECKPOINTS
     for key in ("WINDOW", "USE_DATASET_WINDOW"):
         if key not in cfg.INPUT:
             cfg.INPUT[key] = _MDKD_DEFAULTS.INPUT[key]
+    return cfg
+
+
+def merge_d2_file(cfg: CN, path: str) -> CN:
+    """``cfg.merge_from_file(path)`` with YAML read safely (detectron2's default is
+    ``allow_unsafe=True``, which falls back to ``yaml.unsafe_load`` on Python tags).
+
+    Raises:
+        ConfigError: the file (or a ``_BASE_``) is missing, is not YAML, or holds a Python tag
+            (the message names the file and the tag).
+    """
+    from ..config.config import yaml_error
+
+    try:
+        cfg.merge_from_file(path, allow_unsafe=False)
+    except yaml.YAMLError as e:
+        raise yaml_error(path, e) from e
     return cfg

@@ -78,8 +78,8 @@ class PyramidBackbone(Backbone):
         return OrderedDict((new, feats[old]) for old, new in self.names.items())
 
 
-def build_teacher_backbone(fmt: str, config_file: str, weights: str, backbone_name: str = ""
-                           ) -> Tuple[PyramidBackbone, Sequence[float], Sequence[float]]:
+def build_teacher_backbone(fmt: str, config_file: str, weights: str, backbone_name: str = "",
+                           trust: bool = False) -> Tuple[PyramidBackbone, Sequence[float], Sequence[float]]:
     """Build one teacher backbone and load it strictly from its detector checkpoint.
 
     Args:
@@ -89,6 +89,7 @@ def build_teacher_backbone(fmt: str, config_file: str, weights: str, backbone_na
         weights: detector checkpoint; ``""`` = random weights (smoke tests only).
         backbone_name: our registry name (``"mdkd"`` only; default the config's
             ``MODEL.BACKBONE.NAME``).
+        trust: ``MODEL.TRUST_CHECKPOINTS`` (load arbitrary pickles; off by default).
 
     Returns:
         ``(PyramidBackbone, pixel_mean, pixel_std)``; mean/std in units of [0, 1] pixels (the
@@ -109,18 +110,18 @@ def build_teacher_backbone(fmt: str, config_file: str, weights: str, backbone_na
         from detectron2.config import get_cfg
         from detectron2.modeling import build_backbone
 
-        from .config import add_mdkd_config
+        from .config import add_mdkd_config, merge_d2_file
 
         if not config_file:
             raise ConfigError("FUSION.TEACHER_CONFIGS: a 'd2' teacher needs its detectron2 config file")
         tcfg = add_mdkd_config(get_cfg())
         tcfg.set_new_allowed(True)  # a teacher's own project keys must not fail its loading
-        tcfg.merge_from_file(config_file)
+        merge_d2_file(tcfg, config_file)
         body = build_backbone(tcfg)
         mean = [v / 255.0 for v in tcfg.MODEL.PIXEL_MEAN]
         std = [v / 255.0 for v in tcfg.MODEL.PIXEL_STD]
     else:
         raise ConfigError(f"FUSION.TEACHER_FORMATS entry '{fmt}' must be one of {TEACHER_FORMATS}")
     if weights:
-        load_teacher_backbone(body.cpu(), weights)  # keys "backbone.*" in both layouts
+        load_teacher_backbone(body.cpu(), weights, trust=trust)  # keys "backbone.*" in both layouts
     return PyramidBackbone(body), mean, std

@@ -33,7 +33,7 @@ from ..distill.trainer import distiller_options
 from ..modeling.fusion.fusion_backbone import _read_checkpoint
 from ..utils.errors import ConfigError
 from .adapter import D2GeneralizedRCNNAdapter
-from .config import add_mdkd_config
+from .config import add_mdkd_config, merge_d2_file
 from .data import MDKDDatasetMapper, register_mdkd_datasets
 from .train_loop import D2KDAMPTrainer, D2KDSimpleTrainer
 
@@ -55,7 +55,7 @@ def build_d2_teacher(cfg) -> nn.Module:
     if not os.path.isfile(kd.TEACHER_WEIGHTS):
         raise ConfigError(f"KD.TEACHER_WEIGHTS '{kd.TEACHER_WEIGHTS}' does not exist")
     tcfg = add_mdkd_config(get_cfg())
-    tcfg.merge_from_file(kd.TEACHER_CONFIG)
+    merge_d2_file(tcfg, kd.TEACHER_CONFIG)
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
     tcfg.MODEL.WEIGHTS = kd.TEACHER_WEIGHTS
     if list(tcfg.MODEL.PIXEL_MEAN) != list(cfg.MODEL.PIXEL_MEAN) or \
@@ -63,7 +63,9 @@ def build_d2_teacher(cfg) -> nn.Module:
         raise ConfigError(f"{kd.TEACHER_CONFIG}: MODEL.PIXEL_MEAN/STD differ from the student's; "
                           "the teacher reads the student's normalised batch")
     teacher = build_model(tcfg)
-    result = teacher.load_state_dict(_read_checkpoint(kd.TEACHER_WEIGHTS), strict=False)
+    result = teacher.load_state_dict(
+        _read_checkpoint(kd.TEACHER_WEIGHTS, bool(cfg.MODEL.TRUST_CHECKPOINTS), "KD.TEACHER_WEIGHTS"),
+        strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ConfigError(f"KD.TEACHER_WEIGHTS '{kd.TEACHER_WEIGHTS}' does not match "
                           f"{kd.TEACHER_CONFIG}: missing {result.missing_keys[:10]}, "

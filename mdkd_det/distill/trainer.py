@@ -72,7 +72,8 @@ def build_teacher(cfg: CfgNode) -> nn.Module:
     """
     tcfg = load_teacher_cfg(cfg)
     teacher = build_model(tcfg)
-    Checkpointer(teacher, tcfg.OUTPUT_DIR).load(tcfg.MODEL.WEIGHTS)
+    trust = cfg.MODEL.TRUST_CHECKPOINTS
+    Checkpointer(teacher, tcfg.OUTPUT_DIR, trust_checkpoints=trust).load(tcfg.MODEL.WEIGHTS)
     return freeze_teacher(teacher)
 
 

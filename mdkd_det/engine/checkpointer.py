@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import logging
 import os
-import pickle
 import random
-import re
 import uuid
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from ..utils.checkpoint_io import load_checkpoint_file
 from ..utils.errors import CheckpointError
 from . import comm
 
@@ -189,9 +188,10 @@ class Checkpointer:
         model: the model (a DDP/DataParallel wrapper is unwrapped for saving and loading).
         save_dir: directory for checkpoints and ``last_checkpoint`` (usually ``OUTPUT_DIR``).
         save_to_disk: write files; default: only on the main process (rank 0).
-        trust_checkpoints: load with ``torch.load(weights_only=False)`` (arbitrary pickles).
-            Default False: ``weights_only=True``, which reads our checkpoints and plain state
-            dicts (torchvision) but refuses arbitrary objects.
+        trust_checkpoints: load with ``torch.load(weights_only=False)`` (arbitrary pickles;
+            ``MODEL.TRUST_CHECKPOINTS``). Default False: ``weights_only=True`` through
+            :func:`mdkd_det.utils.checkpoint_io.load_checkpoint_file`, which reads our
+            checkpoints and plain state dicts (torchvision) but refuses arbitrary objects.
         **checkpointables: name -> object with ``state_dict``/``load_state_dict``, e.g.
             ``optimizer=..., scheduler=..., grad_scaler=..., trainer=...``.
 
@@ -286,20 +286,7 @@ class Checkpointer:
 
     # ---- loading ---------------------------------------------------------------------------
     def _read(self, path: str) -> Any:
-        if not os.path.isfile(path):
-            raise CheckpointError(f"checkpoint file not found: {path}")
-        try:
-            return torch.load(path, map_location="cpu", weights_only=not self.trust_checkpoints)
-        except pickle.UnpicklingError as e:
-            m = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-            if not m:
-                raise CheckpointError(f"{path}: unreadable checkpoint (not a torch.save file?)") from e
-            raise CheckpointError(
-                f"{path}: refused by torch.load(weights_only=True): it contains {m.group(1)}; "
-                "if you trust this file, create the Checkpointer with trust_checkpoints=True"
-            ) from e
-        except Exception as e:  # truncated / corrupt zip, wrong format
-            raise CheckpointError(f"{path}: unreadable checkpoint ({type(e).__name__}: {e})") from e
+        return load_checkpoint_file(path, trust=self.trust_checkpoints)
 
     def _load_model(self, state: Mapping[str, torch.Tensor], path: str, strict: bool) -> None:
         model = unwrap_model(self.model)

@@ -25,7 +25,8 @@ def run(args) -> dict:
     default_setup(cfg, args)
     if args.eval_only:
         model = build_model(cfg)
-        Checkpointer(model, cfg.OUTPUT_DIR).load(cfg.MODEL.WEIGHTS)
+        trust = cfg.MODEL.TRUST_CHECKPOINTS
+        Checkpointer(model, cfg.OUTPUT_DIR, trust_checkpoints=trust).load(cfg.MODEL.WEIGHTS)
         return do_test(cfg, model)
     if cfg.PIPELINE.ENABLED:
         from ..pipeline import run_pipeline

@@ -53,6 +53,9 @@ def default_argument_parser(description: str = "mdkd_det training") -> argparse.
     p.add_argument("--machine-rank", type=int, default=0)
     p.add_argument("--dist-url", default="auto",
                    help="init URL, e.g. tcp://host:port; 'auto' picks a free local port")
+    p.add_argument("--trust-checkpoints", action="store_true",
+                   help="allow checkpoints to unpickle arbitrary Python objects (can run code; only "
+                        "for files you trust); sets MODEL.TRUST_CHECKPOINTS True")
     p.add_argument("--stage", action="append", default=[], metavar="STAGE",
                    help="pipeline configs: run only this stage (repeatable): multi_head, "
                         "dataset_specific, target_teacher, source_teachers, joint_teacher, student")
@@ -101,6 +104,8 @@ def setup_cfg(args) -> CfgNode:
             if not os.path.exists(path):
                 raise ConfigError(f"{path}: not found")
         cfg.DATASETS.TEST = (coco_dataset_name(args.coco_json, args.coco_images),)
+    if getattr(args, "trust_checkpoints", False):
+        cfg.MODEL.TRUST_CHECKPOINTS = True
     cfg.freeze()
     return cfg
 
@@ -202,7 +207,8 @@ class DefaultTrainer:
         # CUDA AMP: the grad scaler is created before resume so its state is restored too.
         self.grad_scaler = (torch.amp.GradScaler("cuda") if cfg.SOLVER.AMP.ENABLED
                             and torch.device(cfg.MODEL.DEVICE).type == "cuda" else None)
-        self.checkpointer = Checkpointer(self.model, cfg.OUTPUT_DIR, **self.checkpointables())
+        self.checkpointer = Checkpointer(self.model, cfg.OUTPUT_DIR, trust_checkpoints=cfg.MODEL.TRUST_CHECKPOINTS,
+                                         **self.checkpointables())
         self.start_iter = 0
         self.max_iter = int(cfg.SOLVER.MAX_ITER)
         self.best_metric: Optional[float] = None

@@ -233,7 +233,8 @@ class PipelineRunner:
             logger.warning("[pipeline] %s: no model_best.pth (validation metric missing); "
                            "reporting the final model", out)
             return None
-        Checkpointer(unwrap_model(trainer.model), out).load(best, checkpointables=[])
+        Checkpointer(unwrap_model(trainer.model), out,
+                     trust_checkpoints=self.cfg.MODEL.TRUST_CHECKPOINTS).load(best, checkpointables=[])
         info = {}
         if os.path.isfile(side):
             with open(side) as f:

@@ -25,6 +25,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
+from ...utils.checkpoint_io import load_checkpoint_file
 from ...utils.errors import CheckpointError, ConfigError
 from ..backbone.base import Backbone
 from ..registry import BACKBONE_REGISTRY
@@ -234,18 +235,15 @@ def match_levels_nearest_stride(ref: Mapping, other: Mapping) -> Dict[str, str]:
     return out
 
 
-def _read_checkpoint(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise CheckpointError(f"teacher checkpoint '{path}' does not exist")
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e_safe:  # our own checkpoints may hold non-tensor objects (e.g. a cfg)
-        logger.warning("weights_only load of %s failed (%s); retrying with weights_only=False",
-                       path, e_safe)
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as e:
-            raise CheckpointError(f"cannot read teacher checkpoint '{path}': {e}") from e
+def _read_checkpoint(path: str, trust: bool = False, what: str = "teacher checkpoint") -> dict:
+    """The model state dict of a checkpoint file, read by the package's one safe loader
+    (:func:`mdkd_det.utils.checkpoint_io.load_checkpoint_file`; ``trust`` =
+    ``MODEL.TRUST_CHECKPOINTS``).
+
+    Raises:
+        CheckpointError: missing, unreadable or refused file, or no state dict inside.
+    """
+    ckpt = load_checkpoint_file(path, trust=trust, what=what)
     for key in ("model", "state_dict"):  # our Checkpointer's layout, then Lightning-style
         if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
             return ckpt[key]
@@ -260,7 +258,8 @@ def _fmt(keys: Sequence[str], n: int = 10) -> str:
     return str(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
 
 
-def load_teacher_backbone(backbone: nn.Module, ckpt_path: str, prefix: str = "backbone.") -> nn.Module:
+def load_teacher_backbone(backbone: nn.Module, ckpt_path: str, prefix: str = "backbone.",
+                          trust: bool = False) -> nn.Module:
     """Load a teacher's backbone weights from a full-detector checkpoint, strictly.
 
     The checkpoint is ``{"model": state_dict}`` (the layout of
@@ -276,6 +275,7 @@ def load_teacher_backbone(backbone: nn.Module, ckpt_path: str, prefix: str = "ba
         backbone: freshly built backbone of the teacher's architecture.
         ckpt_path: checkpoint file.
         prefix: key prefix of the backbone inside the detector state dict.
+        trust: ``MODEL.TRUST_CHECKPOINTS`` (load arbitrary pickles; off by default).
 
     Returns:
         ``backbone`` with the weights loaded.
@@ -284,7 +284,7 @@ def load_teacher_backbone(backbone: nn.Module, ckpt_path: str, prefix: str = "ba
         CheckpointError: missing/unreadable file, no key with ``prefix``, or a mismatch; the
             message names the file and the missing, unexpected and shape-mismatched keys.
     """
-    sd = _read_checkpoint(ckpt_path)
+    sd = _read_checkpoint(ckpt_path, trust)
     sub = OrderedDict((k[len(prefix):], v) for k, v in sd.items() if k.startswith(prefix))
     if not sub:
         raise CheckpointError(f"teacher checkpoint '{ckpt_path}' has no keys starting with "
@@ -379,7 +379,7 @@ def build_fusion_backbone(cfg) -> FusionBackbone:
     for i, (name, ckpt) in enumerate(zip(names, ckpts)):
         t = build_backbone(tcfg, name)
         if ckpt:
-            load_teacher_backbone(t, ckpt)
+            load_teacher_backbone(t, ckpt, trust=bool(cfg.MODEL.TRUST_CHECKPOINTS))
         else:
             logger.warning("FUSION teacher %d (%s) has no checkpoint: random weights", i, name)
         teachers.append(t)

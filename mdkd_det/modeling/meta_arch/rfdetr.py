@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models.detection.image_list import ImageList
 
+from ...utils.checkpoint_io import load_checkpoint_file
 from ...utils.errors import CheckpointError, ConfigError
 from ..backbone import Backbone, build_backbone
 from ..backbone.rfdetr_dinov2 import RFDETRDinoV2Backbone, import_rfdetr, rfdetr_model_config
@@ -258,13 +259,15 @@ def from_lwdetr_state_dict(state_dict: Dict[str, torch.Tensor]) -> "OrderedDict[
     return out
 
 
-def _load_pretrained(model: RFDETRDetector, path: str) -> None:
-    """Load an rfdetr checkpoint (``{"model": LWDETR state dict}``) where names and shapes
-    match (a COCO head with another class count is skipped), logging what was skipped."""
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"MODEL.RFDETR.PRETRAIN_WEIGHTS '{path}': cannot read ({e})") from e
+def _load_pretrained(model: RFDETRDetector, path: str, trust: bool = False) -> None:
+    """Load an rfdetr checkpoint (``{"model": LWDETR state dict, "args": Namespace, ...}``)
+    where names and shapes match (a COCO head with another class count is skipped), logging
+    what was skipped. Read by the safe loader, whose allow-list covers rfdetr's format.
+
+    Raises:
+        CheckpointError: missing, unreadable or refused file; no state dict; nothing matches.
+    """
+    ckpt = load_checkpoint_file(path, trust=trust, what="MODEL.RFDETR.PRETRAIN_WEIGHTS")
     sd = ckpt.get("model", ckpt) if isinstance(ckpt, dict) else None
     if not isinstance(sd, dict):
         raise CheckpointError(f"MODEL.RFDETR.PRETRAIN_WEIGHTS '{path}' holds no state dict")
@@ -278,12 +281,12 @@ def _load_pretrained(model: RFDETRDetector, path: str) -> None:
                 path, len(keep), len(mapped) - len(keep))
 
 
-def _load_head(model: RFDETRDetector, path: str) -> None:
+def _load_head(model: RFDETRDetector, path: str, trust: bool = False) -> None:
     """Load the decoder + heads (``detr.*`` keys) of one of our RF-DETR checkpoints, strictly
     (paper_notes A9 head-initialisation option ``target_teacher``)."""
     from ..fusion.fusion_backbone import _read_checkpoint
 
-    sd = _read_checkpoint(path)
+    sd = _read_checkpoint(path, trust, what="MODEL.RFDETR.HEAD_INIT")
     head = {k[len("detr."):]: v for k, v in sd.items() if k.startswith("detr.")}
     if not head:
         raise CheckpointError(f"MODEL.RFDETR.HEAD_INIT '{path}' has no 'detr.*' (RF-DETR head) keys")
@@ -321,10 +324,11 @@ def build_rfdetr(cfg, backbone: Optional[Backbone] = None) -> RFDETRDetector:
 
     backbone = backbone if backbone is not None else build_backbone(cfg)
     init = str(cfg.MODEL.RFDETR.BACKBONE_INIT)
+    trust = bool(cfg.MODEL.TRUST_CHECKPOINTS)
     if init and cfg.MODEL.BACKBONE.NAME != "fusion":
         from ..fusion import load_teacher_backbone
 
-        load_teacher_backbone(backbone, init)  # strict on the backbone keys; names the file
+        load_teacher_backbone(backbone, init, trust=trust)  # strict on the backbone keys; names the file
         logger.info("RF-DETR backbone initialised from %s", init)
     shapes = backbone.output_shape()
     names = list(cfg.MODEL.RFDETR.IN_FEATURES) or [k for k in shapes if k != "pool"]
@@ -345,7 +349,7 @@ def build_rfdetr(cfg, backbone: Optional[Backbone] = None) -> RFDETRDetector:
         raise ConfigError("rfdetr_dinov2 backbone and MODEL.RFDETR.PROJECTOR_SCALE disagree")
     model = RFDETRDetector(sel, lw, criterion, post, transform, k)
     if cfg.MODEL.RFDETR.HEAD_INIT:
-        _load_head(model, cfg.MODEL.RFDETR.HEAD_INIT)
+        _load_head(model, cfg.MODEL.RFDETR.HEAD_INIT, trust)
     if cfg.MODEL.RFDETR.PRETRAIN_WEIGHTS:
-        _load_pretrained(model, cfg.MODEL.RFDETR.PRETRAIN_WEIGHTS)
+        _load_pretrained(model, cfg.MODEL.RFDETR.PRETRAIN_WEIGHTS, trust)
     return model

@@ -1,0 +1,89 @@
+"""The one place where the package reads a checkpoint file (issue 13: no code execution).
+
+Every ``.pth`` the package opens (``MODEL.WEIGHTS``, ``--resume``, ``KD.TEACHER_WEIGHTS``,
+``FUSION.TEACHERS``, ``MODEL.RFDETR.PRETRAIN_WEIGHTS / BACKBONE_INIT / HEAD_INIT``, detectron2
+teachers) goes through :func:`load_checkpoint_file`, which calls
+``torch.load(weights_only=True)``: tensors, containers and numbers load, an arbitrary pickled
+object (a ``__reduce__`` payload that would run ``os.system``) is refused before it runs.
+
+The only way round it is an explicit opt-in: ``MODEL.TRUST_CHECKPOINTS True`` in the config or
+``--trust-checkpoints`` on the command line (both documented in the README), which passes
+``trust=True`` here and loads with ``weights_only=False``.
+
+rfdetr's official checkpoints (``{"model", "args": argparse.Namespace, "epoch", ...}``) load without the
+opt-in: the few harmless classes they pickle are allow-listed with
+``torch.serialization.safe_globals`` (:data:`SAFE_GLOBALS`), so their loading runs no code either.
+
+Source: PyTorch ``torch.load`` / ``torch.serialization.safe_globals`` (PyTorch >= 2.4).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import re
+import types
+from typing import Any
+
+import torch
+
+from .errors import CheckpointError
+
+__all__ = ["load_checkpoint_file", "SAFE_GLOBALS", "TRUST_HINT"]
+
+#: Classes that rfdetr's official checkpoints pickle besides tensors (``args`` is an
+#: ``argparse.Namespace`` or ``types.SimpleNamespace`` of plain values; the same list as rfdetr's
+#: own ``rfdetr.utilities.io._safe_torch_load``). Constructing them runs no user code.
+SAFE_GLOBALS = [argparse.Namespace, types.SimpleNamespace]
+
+#: How a user opts in to loading a pickle they trust (named in every refusal).
+TRUST_HINT = ("if you trust this file, set MODEL.TRUST_CHECKPOINTS True "
+              "(or pass --trust-checkpoints to tools/train_net.py)")
+
+# torch 2.4-2.5: "Unsupported global: GLOBAL x.y"; torch >= 2.6: "unsupported GLOBAL x.y whose ..."
+_GLOBAL_RE = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL (\S+)")
+
+
+def load_checkpoint_file(path: str, *, trust: bool = False, what: str = "checkpoint") -> Any:
+    """Read a ``torch.save`` file onto the CPU without running code from it.
+
+    Args:
+        path: the file (``.pth``/``.pt``; zip or legacy pickle format).
+        trust: ``True`` loads with ``weights_only=False`` (arbitrary pickled objects; only for
+            files the user trusts, via ``MODEL.TRUST_CHECKPOINTS`` / ``--trust-checkpoints``).
+        what: what the file is for, named in errors (e.g. ``"MODEL.WEIGHTS"``,
+            ``"FUSION.TEACHERS[1]"``).
+
+    Returns:
+        the unpickled object (tensors on the CPU).
+
+    Raises:
+        CheckpointError: missing file; a file that pickles a Python object other than tensors,
+            containers, numbers and :data:`SAFE_GLOBALS` (the message names the object, e.g.
+            ``posix.system``, and how to opt in); an unreadable or truncated file.
+    """
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{what} file not found: {path}")
+    try:
+        if trust:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        m = _GLOBAL_RE.search(str(e))
+        if m:
+            raise CheckpointError(
+                f"{path} ({what}): refused: it pickles the Python object '{m.group(1)}', which "
+                f"could run code when loaded; {TRUST_HINT}") from e
+        raise CheckpointError(f"{path} ({what}): unreadable checkpoint ({_reason(e)})") from e
+    except Exception as e:  # truncated / corrupt zip, not a torch.save file
+        raise CheckpointError(f"{path} ({what}): unreadable checkpoint ({_reason(e)})") from e
+
+
+def _reason(e: BaseException) -> str:
+    """The informative line of a torch.load error (its WeightsUnpickler line, if any)."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    picked = next((ln for ln in lines if ln.startswith(("Unsupported", "WeightsUnpickler"))), None)
+    text = picked or (lines[0] if lines else "")
+    return f"{type(e).__name__}: {text[:200]}" if text else f"{type(e).__name__}, e.g. an empty or truncated file"

@@ -172,7 +172,7 @@ def test_config_errors(data_root, tmp_path):
     with pytest.raises(ConfigError, match="ADVERSARIAL.SOURCE"):
         DomainAdversarialTrainer(cfg)
     cfg = _cfg(data_root, tmp_path)
-    cfg.ADVERSARIAL.SOURCE = ("lungct_train",)
+    cfg.ADVERSARIAL.SOURCE = tuple(cfg.DATASETS.TRAIN)
     with pytest.raises(ConfigError, match="share"):
         DomainAdversarialTrainer(cfg)
     for key, value in (("LEVELS", "middle"), ("GRAD_SCALING", "x"), ("R", -1)):

@@ -29,7 +29,7 @@ def test_pipeline_writes_four_rows_then_skips(tmp_path, data_root):
     cfg_file.write_text(_pipeline_cfg(out).dump())
     assert main(["--config-file", str(cfg_file)]) == 0
     res = json.loads((out / "results.json").read_text())
-    assert res["target"] == "lungct_train" and res["eval_dataset"] == "lungct_valid"
+    assert res["target"] == "lungct_disjoint_train" and res["eval_dataset"] == "lungct_disjoint_test"
     assert set(res["rows"]) == {"multi_head", "dataset_specific", "joint_teacher", "student"}
     for row in res["rows"].values():
         assert row["AP"] is not None and row["AP50"] is not None

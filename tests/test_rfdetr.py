@@ -242,7 +242,7 @@ def test_rfdetr_pipeline_four_rows_and_export(tmp_path, data_root):
     Checkpointer(plain, scfg.OUTPUT_DIR).load(str(out / "student" / "model_student.pth"))
     sd = torch.load(out / "student" / "model_student.pth", map_location="cpu", weights_only=False)["model"]
     assert all(torch.equal(v, plain.state_dict()[k]) for k, v in sd.items())
-    r = do_test(scfg, plain.eval())["lungct_valid"]["bbox"]
+    r = do_test(scfg, plain.eval())["lungct_disjoint_test"]["bbox"]
     assert r["AP"] == pytest.approx(res["rows"]["student"]["AP"], abs=1e-6)
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
 

@@ -179,7 +179,8 @@ def test_kd_teacher_weights_refuse_payload(tmp_path):
     _check_refused(e.value, marker, evil)
 
 
-@pytest.mark.parametrize("key", ["PRETRAIN_WEIGHTS", "BACKBONE_INIT", "HEAD_INIT"])
+@pytest.mark.parametrize("key", ["MODEL.RFDETR.PRETRAIN_WEIGHTS", "MODEL.RFDETR.BACKBONE_INIT",
+                                 "MODEL.HEAD_INIT"])
 def test_rfdetr_weights_refuse_payload(tmp_path, key):
     pytest.importorskip("rfdetr")
     from mdkd_det.engine.defaults import build_model
@@ -187,7 +188,7 @@ def test_rfdetr_weights_refuse_payload(tmp_path, key):
 
     marker = tmp_path / "pwned"
     evil = _evil_pth(tmp_path / "rf.pth", marker)
-    cfg = rfdetr_cfg(**{f"MODEL.RFDETR.{key}": str(evil)})
+    cfg = rfdetr_cfg(**{key: str(evil)})
     with pytest.raises(CheckpointError) as e:
         build_model(cfg)
     _check_refused(e.value, marker, evil)

@@ -25,7 +25,7 @@ def test_train_then_eval_writes_outputs(tmp_path, data_root):
     lines = [json.loads(x) for x in (out / "metrics.json").read_text().splitlines()]
     assert any("loss_classifier" in x for x in lines)
     assert list(out.glob("events.out.tfevents.*"))
-    inf = out / "inference" / "lungct_valid"
+    inf = out / "inference" / "lungct_disjoint_test"
     res = json.loads((inf / "coco_instances_results.json").read_text())
     metrics = json.loads((inf / "metrics.json").read_text())
     assert "AP" in metrics["bbox"] and "CPM" in metrics["froc"]

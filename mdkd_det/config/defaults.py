@@ -29,6 +29,11 @@ _C.MODEL.WEIGHTS = ""
 # that needs more is refused with a message. Turn on only for files you trust
 # (tools/train_net.py --trust-checkpoints sets it). Configs are always read with yaml.safe_load.
 _C.MODEL.TRUST_CHECKPOINTS = False
+# Detector checkpoint of the same meta-architecture whose every non-backbone tensor (Faster
+# R-CNN: rpn.*, roi_heads.*; RF-DETR: detr.*) initialises this model's heads, strictly ("" =
+# from scratch). The pipeline sets it for the joint teacher when
+# PIPELINE.JOINT_TEACHER_HEAD_INIT is "target_teacher" (issue 10; paper_notes A9 option).
+_C.MODEL.HEAD_INIT = ""
 # Per-channel mean/std applied by the detector after scaling pixels to [0, 1]
 # (torchvision's GeneralizedRCNNTransform). Grey CT replicated to 3 channels.
 _C.MODEL.PIXEL_MEAN = [0.485, 0.456, 0.406]
@@ -141,10 +146,6 @@ _C.MODEL.RFDETR.PRETRAIN_WEIGHTS = ""
 # same registry backbone) whose backbone initialises this model's backbone ("" = from scratch).
 # Ignored for MODEL.BACKBONE.NAME "fusion" (its teachers come from FUSION.TEACHERS).
 _C.MODEL.RFDETR.BACKBONE_INIT = ""
-# RF-DETR checkpoint whose decoder + heads ("detr.*" keys) initialise this model's ("" = from
-# scratch). The pipeline sets it for the joint teacher when PIPELINE.JOINT_TEACHER_HEAD_INIT is
-# "target_teacher" (paper_notes A9 option).
-_C.MODEL.RFDETR.HEAD_INIT = ""
 
 # --------------------------------------------------------------------------------------------
 # Input
@@ -250,6 +251,10 @@ _C.TEST = CN()
 # Evaluate every N iterations (0 = only at the end). The best checkpoint by AP is kept as
 # model_best.pth.
 _C.TEST.EVAL_PERIOD = 0
+# Also evaluate the initial model before the first iteration of a fresh run (recorded as
+# iteration -1 in model_best.json), so model selection can keep the starting point. The pipeline
+# turns it on for a joint teacher whose heads start from the target teacher (issue 10).
+_C.TEST.EVAL_AT_START = False
 # FROC operating points (false positives per image) and hit criterion ("iou" or "center").
 _C.TEST.FROC_FPS = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 _C.TEST.FROC_HIT = "iou"
@@ -291,7 +296,9 @@ _C.ADVERSARIAL.TARGET_IMS_PER_BATCH = 2
 # Stage 2: joint teacher on a FusionBackbone (paper §3.2; notes C8, C11, C12, A5, A20)
 # --------------------------------------------------------------------------------------------
 _C.FUSION = CN()
-# Fusion op in FUSION_REGISTRY: "concat1x1" (paper, detection) or "cross_attention" (A5).
+# Fusion op in FUSION_REGISTRY: "concat1x1" (paper, detection), "concat1x1_residual" (the same
+# in identity-at-init residual form, issue 10; needs OUT_CHANNELS = the teachers' width or 0) or
+# "cross_attention" (A5).
 _C.FUSION.OP = "concat1x1"
 # Channels of every fused map; 0 = each level keeps teacher 0's channels (seg, A5).
 _C.FUSION.OUT_CHANNELS = 256
@@ -398,8 +405,10 @@ _C.PIPELINE.ITERS.BACKBONE_INIT = 0
 _C.PIPELINE.BACKBONE_INIT_ARCH = "faster_rcnn"
 # Base learning rate of the joint teacher's fusion + new heads (0 = SOLVER.BASE_LR).
 _C.PIPELINE.JOINT_TEACHER_BASE_LR = 0.0
-# Joint teacher's new detection head: "scratch" (paper) or "target_teacher" (A9 option; RF-DETR:
-# start the decoder + heads from the Stage-1 target teacher's).
+# Joint teacher's new detection head: "scratch" (paper) or "target_teacher" (A9 option, issue 10:
+# start the heads -- Faster R-CNN RPN + RoI heads, RF-DETR decoder + heads -- from the Stage-1
+# target teacher's, via MODEL.HEAD_INIT). With FUSION.OP "concat1x1_residual" the joint teacher
+# then equals the target teacher at iteration 0.
 _C.PIPELINE.JOINT_TEACHER_HEAD_INIT = "scratch"
 # A24: when the target teacher has the student's architecture and schedule, it *is* the
 # dataset-specific baseline; reuse its checkpoint instead of training the same run twice.

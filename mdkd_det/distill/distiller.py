@@ -119,22 +119,25 @@ class Distiller(nn.Module):
         w = dict(self.weights)
         if self.beta_schedule is not None:
             w["con"] = float(self.beta_schedule(epoch))
-        s_feats = [self.connectors[sl](s.features[sl]) for sl in self.level_pairs]
+        # Att (Eq. 19) and Con (B x B similarities) are channel-free: they read the student's own
+        # maps, so a trainable connector cannot lower them without changing the student (issue
+        # 10). FAlgn and CosSim compare channels and read the connector output (A3).
+        s_raw = [s.features[sl] for sl in self.level_pairs]
         t_feats = [t.features[tl] for tl in self.level_pairs.values()]
+        s_feats = ([self.connectors[sl](f) for sl, f in zip(self.level_pairs, s_raw)]
+                   if w["falgn"] or w["cos"] else None)
         out: Dict[str, torch.Tensor] = {}
-        if w["con"] or w["cos"]:
-            # Con and CosSim both start with GAP (A1, A8): pool once, pass [B, C] descriptors.
-            s_vec = [f.mean(dim=(2, 3)) for f in s_feats]
-            t_vec = [f.mean(dim=(2, 3)) for f in t_feats]
-        if w["con"]:
-            out[TERM_KEYS["con"]] = L.con(s_vec, t_vec, T=T, direction=self.kl_direction,
-                                          mask_diag=self.con_mask_diag)
+        t_vec = [f.mean(dim=(2, 3)) for f in t_feats] if w["con"] or w["cos"] else None
+        if w["con"]:  # GAP descriptors (A1, A8)
+            out[TERM_KEYS["con"]] = L.con([f.mean(dim=(2, 3)) for f in s_raw], t_vec, T=T,
+                                          direction=self.kl_direction, mask_diag=self.con_mask_diag)
         if w["falgn"]:
             out[TERM_KEYS["falgn"]] = L.falgn(s_feats, t_feats, reduction=self.reduction)
         if w["cos"]:
-            out[TERM_KEYS["cos"]] = L.cos_sim(s_vec, t_vec, reduction=self.reduction)
+            out[TERM_KEYS["cos"]] = L.cos_sim([f.mean(dim=(2, 3)) for f in s_feats], t_vec,
+                                              reduction=self.reduction)
         if w["att"]:
-            out[TERM_KEYS["att"]] = L.att(s_feats, t_feats)
+            out[TERM_KEYS["att"]] = L.att(s_raw, t_feats)
         has_regions = s.region_logits is not None and t.region_logits is not None
         if w["clskd"] and has_regions:
             out[TERM_KEYS["clskd"]] = L.cls_kd(s.region_logits, t.region_logits, T=T,

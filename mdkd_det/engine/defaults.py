@@ -144,14 +144,19 @@ def seed_all_rng(seed: int) -> None:
 
 
 def build_model(cfg: CfgNode, backbone=None) -> torch.nn.Module:
-    """Build ``MODEL.META_ARCHITECTURE`` on ``MODEL.DEVICE``.
+    """Build ``MODEL.META_ARCHITECTURE`` on ``MODEL.DEVICE``; with ``MODEL.HEAD_INIT`` its heads
+    (every non-backbone tensor) are loaded from that checkpoint.
 
     Raises:
         RegistryError: unknown detector or backbone name (lists registered names).
+        CheckpointError: ``MODEL.HEAD_INIT`` unreadable or not matching the heads.
     """
     from ..modeling import meta_arch  # noqa: F401  (register built-ins)
+    from ..modeling.meta_arch.head_init import load_head_weights
 
     model = DETECTOR_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg, backbone=backbone)
+    if cfg.MODEL.HEAD_INIT:
+        load_head_weights(model, cfg.MODEL.HEAD_INIT, bool(cfg.MODEL.TRUST_CHECKPOINTS))
     return model.to(torch.device(cfg.MODEL.DEVICE))
 
 
@@ -267,7 +272,8 @@ class DefaultTrainer:
 
         if cfg.DATASETS.TEST:
             hs.append(hooks.EvalHook(cfg.TEST.EVAL_PERIOD, eval_fn, metric=get_task(cfg).best_metric,
-                                     checkpointer=self.checkpointer if comm.is_main_process() else None))
+                                     checkpointer=self.checkpointer if comm.is_main_process() else None,
+                                     eval_at_start=cfg.TEST.EVAL_AT_START))
         if comm.is_main_process():
             writers = [JSONWriter(os.path.join(cfg.OUTPUT_DIR, "metrics.json")),
                        TensorboardWriter(cfg.OUTPUT_DIR), ProgressWriter(self.max_iter)]

@@ -258,10 +258,15 @@ class EvalHook(HookBase):
         metric: flattened key to track; missing/non-finite -> warning, no best checkpoint.
         checkpointer: ``Checkpointer`` for ``model_best.pth``; ``None`` -> no best tracking
             on disk (the best value is still tracked).
+        eval_at_start: also evaluate the initial model before the first step of a fresh run
+            (``TEST.EVAL_AT_START``; recorded as iteration -1), so a model that starts from a
+            good state (a joint teacher initialised as the target teacher, issue 10) can never
+            be selected worse than its starting point.
     """
 
     def __init__(self, eval_period: int, eval_function: Callable[[], Mapping[str, Any]],
-                 metric: str = "bbox/AP", checkpointer=None) -> None:
+                 metric: str = "bbox/AP", checkpointer=None, eval_at_start: bool = False) -> None:
+        self.eval_at_start = bool(eval_at_start)
         self.eval_period = int(eval_period)
         self.eval_function = eval_function
         self.metric = metric
@@ -285,9 +290,11 @@ class EvalHook(HookBase):
                                 self.metric, self.best_value, self.best_iter, side)
             except (OSError, ValueError, KeyError) as e:
                 logger.warning("Ignoring unreadable %s: %s", side, e)
+        if self.eval_at_start and self.trainer.start_iter == 0:
+            self._do_eval(iteration=-1)
 
-    def _do_eval(self) -> None:
-        it = self.trainer.iter
+    def _do_eval(self, iteration: Optional[int] = None) -> None:
+        it = self.trainer.iter if iteration is None else iteration
         model = getattr(self.trainer, "model", None)
         was_training = model.training if model is not None else None
         results = self.eval_function() or {}

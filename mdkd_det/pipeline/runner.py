@@ -125,11 +125,10 @@ class PipelineRunner:
                 c.SOLVER.BASE_LR = c.PIPELINE.JOINT_TEACHER_BASE_LR
             c.MODEL.BACKBONE.NAME = "fusion"
             head_init = str(c.PIPELINE.JOINT_TEACHER_HEAD_INIT)
-            if head_init == "target_teacher":
-                if c.MODEL.META_ARCHITECTURE != "rfdetr":
-                    raise ConfigError("PIPELINE.JOINT_TEACHER_HEAD_INIT 'target_teacher' is implemented "
-                                      "for MODEL.META_ARCHITECTURE 'rfdetr' only")
-                c.MODEL.RFDETR.HEAD_INIT = self.teacher_checkpoints()[0]
+            if head_init == "target_teacher":  # every family: MODEL.HEAD_INIT (build_model)
+                c.MODEL.HEAD_INIT = self.teacher_checkpoints()[0]
+                if self.val_dataset:  # selection may keep the (= target teacher) start
+                    c.TEST.EVAL_AT_START = True
             elif head_init != "scratch":
                 raise ConfigError(f"PIPELINE.JOINT_TEACHER_HEAD_INIT '{head_init}': 'scratch' or 'target_teacher'")
             c.FUSION.TEACHERS = tuple(self.teacher_checkpoints())

@@ -1,7 +1,7 @@
 """The one place where the package reads a checkpoint file (issue 13: no code execution).
 
 Every ``.pth`` the package opens (``MODEL.WEIGHTS``, ``--resume``, ``KD.TEACHER_WEIGHTS``,
-``FUSION.TEACHERS``, ``MODEL.RFDETR.PRETRAIN_WEIGHTS / BACKBONE_INIT / HEAD_INIT``, detectron2
+``FUSION.TEACHERS``, ``MODEL.RFDETR.PRETRAIN_WEIGHTS / BACKBONE_INIT``, ``MODEL.HEAD_INIT``, detectron2
 teachers) goes through :func:`load_checkpoint_file`, which calls
 ``torch.load(weights_only=True)``: tensors, containers and numbers load, an arbitrary pickled
 object (a ``__reduce__`` payload that would run ``os.system``) is refused before it runs.

@@ -12,6 +12,9 @@ Registered names (all single class ``"lesion"``, ``evaluator_type="coco"``):
 =================================  ===========================================================
 ``lungct_train``, ``lungct_valid``  Roboflow COCO export, official train/valid folders
                                     (records get ``series_id`` = LUNA16 series from the name).
+``lungct_disjoint_train/_val/_test``  series-disjoint re-split of train + valid (issue 10, A21):
+                                    :func:`lungct_disjoint_split`; the default of the MDKD
+                                    LungCT configs (the official folders share 58 series).
 ``lung_pet_ct_dx_all``              every annotated slice; ``_train``/``_val``/``_test`` =
                                     seeded patient-level split of it (paper_notes A21).
 ``deeplesion_sample_train/_test``   JPEG truth samples, all lesion types.
@@ -40,7 +43,7 @@ from .deeplesion import load_deeplesion
 from .deeplesion_sample import load_deeplesion_sample
 from .lung_pet_ct_dx import load_lung_pet_ct_dx, lung_pet_ct_dx_metadata
 from .msd_lung import SEG_NAMES, register_seg_datasets
-from .splits import lungct_series_id, split_by_patient
+from .splits import lungct_series_id, lungct_slice_key, split_by_patient
 
 __all__ = ["BUILTIN_NAMES", "builtin_paths", "register_builtin"]
 
@@ -52,6 +55,9 @@ DEEPLESION_DIR = "deeplesion"
 BUILTIN_NAMES: Tuple[str, ...] = (
     "lungct_train",
     "lungct_valid",
+    "lungct_disjoint_train",
+    "lungct_disjoint_val",
+    "lungct_disjoint_test",
     "lung_pet_ct_dx_all",
     "lung_pet_ct_dx_train",
     "lung_pet_ct_dx_val",
@@ -101,6 +107,52 @@ def _lungct_loader(name: str, json_file: str, image_root: str) -> Callable[[], L
         return records
 
     return load
+
+
+#: Offset added to the image ids of the official ``valid`` JSON in the merged LungCT pool, so
+#: ids stay unique (both JSONs number their images from 0).
+LUNGCT_VALID_ID_OFFSET = 100000
+
+
+def lungct_disjoint_split(train: Sequence[dict], valid: Sequence[dict], seed: int,
+                          fractions: Sequence[float]) -> dict:
+    """Series-disjoint train/val/test split of the LungCT Roboflow export (issue 10, A21).
+
+    The official ``train`` and ``valid`` folders share 58 of valid's 102 LUNA16 series, so a model
+    selected or reported on ``valid`` has seen those patients' slices. Here both folders are
+    pooled (``valid`` image ids shifted by :data:`LUNGCT_VALID_ID_OFFSET`) and split by
+    :func:`~.splits.split_by_patient` with ``series_id`` as the group (LUNA16 series = one CT of
+    one patient), so no series is on two sides. Roboflow's three augmented copies of a source
+    slice share its series and stay on one side. In ``val`` and ``test`` only one image per
+    source slice is kept (the un-augmented ``valid`` copy when there is one, else the first file
+    name), so evaluation images are not near-duplicates of each other; ``train`` keeps every copy.
+
+    Args:
+        train, valid: records of ``lungct_train`` / ``lungct_valid`` (with ``series_id``).
+        seed, fractions: as :func:`~.splits.split_by_patient` (``DATASETS.SPLIT_SEED``,
+            ``DATASETS.SPLIT_FRACTIONS``; default 72/8/20 % of the 514 series).
+
+    Returns:
+        ``{"train": [...], "val": [...], "test": [...]}`` (new record dicts).
+
+    Raises:
+        DatasetError: bad ``fractions``.
+    """
+    pool = [dict(r) for r in train]
+    for r in valid:
+        r = dict(r)
+        r["image_id"] = int(r["image_id"]) + LUNGCT_VALID_ID_OFFSET
+        r["official_split"] = "valid"
+        pool.append(r)
+    out = split_by_patient(pool, fractions, seed)
+    for name in ("val", "test"):
+        chosen: dict = {}
+        for r in sorted(out[name], key=lambda r: (r.get("official_split") != "valid",
+                                                 os.path.basename(r["file_name"]))):
+            chosen.setdefault(lungct_slice_key(r["file_name"]), r)
+        keep = {id(r) for r in chosen.values()}
+        out[name] = [r for r in out[name] if id(r) in keep]
+    return out
 
 
 def _split_loader(full: Callable[[], Sequence[dict]], split: Optional[str], seed: int,
@@ -158,6 +210,18 @@ def register_builtin(
         js, imgs = p[f"lungct_{split}_json"], p[f"lungct_{split}_images"]
         reg(name, _lungct_loader(name, js, imgs), thing_classes=["lesion"], json_file=js,
             image_root=imgs)
+
+    lungct_pair = (
+        _lungct_loader("lungct_train", p["lungct_train_json"], p["lungct_train_images"]),
+        _lungct_loader("lungct_valid", p["lungct_valid_json"], p["lungct_valid_images"]),
+    )
+    for split in ("train", "val", "test"):
+        def load_disjoint(split=split) -> List[dict]:
+            recs = lungct_disjoint_split(lungct_pair[0](), lungct_pair[1](), split_seed, fractions)
+            return copy.deepcopy(recs[split])
+
+        reg(f"lungct_disjoint_{split}", load_disjoint, image_root=os.path.join(root, LUNGCT_DIR),
+            **lesion_meta)
 
     def lpcd_full():
         return _lung_pet_ct_dx_all(p["lung_pet_ct_dx_dicom_root"], p["lung_pet_ct_dx_annotations"])

@@ -28,6 +28,7 @@ __all__ = [
     "group_key",
     "lungct_series_id",
     "lungct_series_overlap",
+    "lungct_slice_key",
     "record_series",
     "series_overlap_report",
     "split_by_patient",
@@ -122,6 +123,12 @@ def split_by_patient(
 def lungct_series_id(file_name: str) -> str:
     """LUNA16 series UID (dashed) of a LungCT file: the base name up to the first ``_``."""
     return os.path.basename(file_name).split("_", 1)[0]
+
+
+def lungct_slice_key(file_name: str) -> str:
+    """Source-slice key of a LungCT file: the name before Roboflow's ``_png.rf.<hash>.jpg``
+    suffix (``<series>_<slice>_<n>``), shared by the augmented copies of one slice."""
+    return os.path.basename(file_name).split("_png.rf.", 1)[0]
 
 
 def record_series(record: Mapping[str, Any]) -> str:

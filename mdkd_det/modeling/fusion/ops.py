@@ -10,6 +10,10 @@ resized to it (bilinear). Built-ins:
 
 - ``"concat1x1"``: the paper's detection fusion, ``Act(Norm(Conv1x1(concat_k F_k)))`` (C11),
   with GroupNorm + ReLU (the [proposal] of C11; the paper gives no norm/activation).
+- ``"concat1x1_residual"``: the same concat -> 1x1 conv -> norm in residual, identity-at-init
+  form, ``F*_l = F^t_l + GN(Conv1x1(concat_k F^k_l))`` with the GroupNorm's affine weight and
+  bias zero-initialised and no output activation (issue 10; decision in docs/decisions.md beside
+  A5/C11): at step 0 the joint teacher's features *are* the target teacher's.
 - ``"cross_attention"``: the segmentation fusion of C9 as decided in A5 (query = target
   teacher, keys/values = each source teacher, residual, concat, Conv1x1, 2 residual blocks);
   for detection it is an ablation only.
@@ -119,6 +123,52 @@ class Concat1x1Fusion(nn.Module):
     def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
         maps = align_maps(maps, self.in_channels, "concat1x1")
         return self.act(self.norm(self.conv(torch.cat(maps, dim=1))))
+
+
+@FUSION_REGISTRY.register("concat1x1_residual")
+class ResidualConcat1x1Fusion(nn.Module):
+    """Concat -> Conv1x1 -> GroupNorm added onto the target teacher's map (issue 10).
+
+    ``F*_l = F^t_l + GN(Conv1x1(concat_k F^k_l))`` — the paper's "concat -> 1x1 -> norm"
+    (§3.2, C11) as a residual branch. The GroupNorm's affine weight and bias start at zero
+    (the zero-init-residual trick of Goyal et al. 2017, "Accurate, Large Minibatch SGD", §5.1),
+    so the branch is exactly 0 and ``F*_l = F^t_l`` at initialisation: a joint teacher whose heads
+    start from the target teacher's (``PIPELINE.JOINT_TEACHER_HEAD_INIT target_teacher``) gives
+    the target teacher's detections at iteration 0. No activation is applied to the output:
+    FPN maps are linear (signed), and a ReLU would clip them.
+
+    Args:
+        in_channels: ``C_k`` of each teacher map, target teacher first.
+        out_channels: channels of the fused map; must equal ``in_channels[0]`` (the target
+            teacher's width; ``FUSION.OUT_CHANNELS`` 0 gives exactly that).
+        max_groups: upper bound on GroupNorm groups.
+
+    Shapes:
+        forward(maps: list[Tensor[B, C_k, H_k, W_k]]) -> Tensor[B, C_0, H_0, W_0].
+
+    Raises:
+        ValueError: ``out_channels != in_channels[0]``, bad channel lists (init) or maps not
+            matching them (forward).
+    """
+
+    def __init__(self, in_channels: Sequence[int], out_channels: int, max_groups: int = 32) -> None:
+        super().__init__()
+        self.in_channels = _check_in_channels(in_channels, out_channels, "concat1x1_residual")
+        if int(out_channels) != self.in_channels[0]:
+            raise ValueError(
+                f"fusion op 'concat1x1_residual' adds onto the target teacher's map, so its "
+                f"out_channels must equal the target teacher's {self.in_channels[0]} channels, "
+                f"got {out_channels} (set FUSION.OUT_CHANNELS to {self.in_channels[0]} or 0)")
+        self.out_channels = int(out_channels)
+        self.conv = nn.Conv2d(sum(self.in_channels), self.out_channels, 1, bias=False)
+        self.norm = group_norm(self.out_channels, max_groups)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
+        nn.init.zeros_(self.norm.weight)
+        nn.init.zeros_(self.norm.bias)
+
+    def forward(self, maps: Sequence[torch.Tensor]) -> torch.Tensor:
+        maps = align_maps(maps, self.in_channels, "concat1x1_residual")
+        return maps[0] + self.norm(self.conv(torch.cat(maps, dim=1)))
 
 
 class ResidualConvBlock(nn.Module):

@@ -281,22 +281,6 @@ def _load_pretrained(model: RFDETRDetector, path: str, trust: bool = False) -> N
                 path, len(keep), len(mapped) - len(keep))
 
 
-def _load_head(model: RFDETRDetector, path: str, trust: bool = False) -> None:
-    """Load the decoder + heads (``detr.*`` keys) of one of our RF-DETR checkpoints, strictly
-    (paper_notes A9 head-initialisation option ``target_teacher``)."""
-    from ..fusion.fusion_backbone import _read_checkpoint
-
-    sd = _read_checkpoint(path, trust, what="MODEL.RFDETR.HEAD_INIT")
-    head = {k[len("detr."):]: v for k, v in sd.items() if k.startswith("detr.")}
-    if not head:
-        raise CheckpointError(f"MODEL.RFDETR.HEAD_INIT '{path}' has no 'detr.*' (RF-DETR head) keys")
-    try:
-        model.detr.load_state_dict(head, strict=True)
-    except RuntimeError as e:
-        raise CheckpointError(f"MODEL.RFDETR.HEAD_INIT '{path}' does not match this decoder: {e}") from e
-    logger.info("RF-DETR decoder + heads initialised from %s", path)
-
-
 @DETECTOR_REGISTRY.register("rfdetr")
 def build_rfdetr(cfg, backbone: Optional[Backbone] = None) -> RFDETRDetector:
     """Build an RF-DETR from ``cfg`` (detector registry entry ``"rfdetr"``).
@@ -308,7 +292,8 @@ def build_rfdetr(cfg, backbone: Optional[Backbone] = None) -> RFDETRDetector:
     default) loads an rfdetr checkpoint by name and shape. ``MODEL.RFDETR.BACKBONE_INIT`` ("" =
     none) initialises the backbone (not a ``fusion`` one) from any of our detector checkpoints
     with the same backbone (e.g. a Faster R-CNN trained on the target: the CPU protocol).
-    ``MODEL.RFDETR.HEAD_INIT`` ("" = none) loads the decoder + heads of an RF-DETR checkpoint.
+    ``MODEL.HEAD_INIT`` (any family; :func:`~mdkd_det.engine.defaults.build_model`) loads the
+    decoder + heads of an RF-DETR checkpoint.
 
     Args:
         cfg: config (MODEL.*, INPUT.*).
@@ -348,8 +333,6 @@ def build_rfdetr(cfg, backbone: Optional[Backbone] = None) -> RFDETRDetector:
     if isinstance(backbone, RFDETRDinoV2Backbone) and sel_shapes.keys() != {s.lower() for s in mc.projector_scale}:
         raise ConfigError("rfdetr_dinov2 backbone and MODEL.RFDETR.PROJECTOR_SCALE disagree")
     model = RFDETRDetector(sel, lw, criterion, post, transform, k)
-    if cfg.MODEL.RFDETR.HEAD_INIT:
-        _load_head(model, cfg.MODEL.RFDETR.HEAD_INIT, trust)
     if cfg.MODEL.RFDETR.PRETRAIN_WEIGHTS:
         _load_pretrained(model, cfg.MODEL.RFDETR.PRETRAIN_WEIGHTS, trust)
     return model

@@ -412,3 +412,13 @@ _C.PIPELINE.RERUN = ()
 # on DATASETS.TEST[0]; later stages load the selected teachers.
 _C.PIPELINE.VAL_DATASET = ""
 _C.PIPELINE.VAL_PERIOD = 0
+# Training seeds of the per-seed rows (CLI --seeds 0 1 2); () = one run with SEED. The teacher
+# chain (backbone_init, multi_head, target_teacher, source_teachers, joint_teacher) is trained
+# once, with the first seed, in OUTPUT_DIR/<stage>/; dataset_specific and student are trained for
+# every seed: the first in OUTPUT_DIR/<stage>/, seed s in OUTPUT_DIR/seed_<s>/<stage>/, every
+# student distilled from the shared joint teacher (docs/statistics.md).
+_C.PIPELINE.SEEDS = ()
+# Paired bootstrap of student - dataset_specific over the test images (detection: COCO AP/AP50):
+# number of resamples (0 = no interval, per-seed differences only) and the resampling RNG seed.
+_C.PIPELINE.BOOTSTRAP_RESAMPLES = 1000
+_C.PIPELINE.BOOTSTRAP_SEED = 0

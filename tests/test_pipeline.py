@@ -1,6 +1,7 @@
 """The MDKD pipeline end to end on the real shared data (tiny sizes, 1-2 iterations a stage)."""
 
 import json
+import logging
 
 import pytest
 import torch
@@ -126,3 +127,34 @@ def test_pipeline_over_seeds(tmp_path, data_root):
     verdict = "no significant difference" if not d["significant"] else "significant"
     assert verdict in md
     assert "seed_1/student" in res["wall_time_s"]
+
+
+def test_schedule_parity_warning(tmp_path, caplog):
+    cfg = _pipeline_cfg(tmp_path / "x")  # dataset_specific/student 2 iterations, the others 1
+    with caplog.at_level(logging.WARNING, logger="mdkd_det.pipeline"):
+        msg = PipelineRunner(cfg).check_schedule_parity()
+    assert [r.getMessage() for r in caplog.records if "schedule parity" in r.getMessage()] == [msg]
+    assert "iterations / LR schedules" in msg
+    assert "dataset_specific 2 it, 4 target images" in msg and "joint_teacher 1 it, 2 target images" in msg
+    assert "multi_head 1 it, 2 target images" in msg and "source_teacher_lung_pet_ct_dx_all 1 it" in msg
+    assert "target images of the multi-head and dataset-specific baselines" in msg
+    assert "lr AdamW 0.0005 WarmupCosineLR warmup 1 x0.01;" in msg
+    # equal schedules: silent; the multi-head baseline then sees as many target images
+    cfg.PIPELINE.ITERS.DATASET_SPECIFIC = cfg.PIPELINE.ITERS.STUDENT = 0
+    caplog.clear()
+    runner = PipelineRunner(cfg)
+    with caplog.at_level(logging.WARNING, logger="mdkd_det.pipeline"):
+        assert runner.check_schedule_parity() is None
+    assert not caplog.records
+    sched = runner.schedules()
+    assert sched["multi_head"]["target_images"] == sched["dataset_specific"]["target_images"] == 2
+    # another LR for one stage -> warned; ALLOW_UNEQUAL_SCHEDULES silences it
+    cfg.PIPELINE.JOINT_TEACHER_BASE_LR = 1e-3
+    msg = PipelineRunner(cfg).check_schedule_parity()
+    assert "joint_teacher 1 it, 2 target images, lr AdamW 0.001" in msg
+    assert "target images of the multi-head" not in msg
+    cfg.PIPELINE.ALLOW_UNEQUAL_SCHEDULES = True
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="mdkd_det.pipeline"):
+        assert PipelineRunner(cfg).check_schedule_parity() is None
+    assert not caplog.records

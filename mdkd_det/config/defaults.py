@@ -422,3 +422,7 @@ _C.PIPELINE.SEEDS = ()
 # number of resamples (0 = no interval, per-seed differences only) and the resampling RNG seed.
 _C.PIPELINE.BOOTSTRAP_RESAMPLES = 1000
 _C.PIPELINE.BOOTSTRAP_SEED = 0
+# A18: the runner warns when the baselines, teachers and student get different iteration counts
+# or LR schedules (or the multi-head baseline sees a different number of target images than the
+# dataset-specific one). True silences the warning (a deliberate, documented choice).
+_C.PIPELINE.ALLOW_UNEQUAL_SCHEDULES = False

@@ -211,6 +211,68 @@ class PipelineRunner:
         best = os.path.join(out_dir, "model_best.pth")
         return best if self.val_dataset and os.path.isfile(best) else os.path.join(out_dir, "model_final.pth")
 
+    # --- schedule parity (A18) -----------------------------------------------------------
+    def schedules(self) -> Dict[str, dict]:
+        """``{stage: {"iters", "target_images", "lr"}}`` of every trained stage but
+        ``backbone_init`` (an initialisation, not a compared model): iterations, target images
+        seen (iterations x target images per step) and the LR schedule
+        ``optimizer base_lr scheduler [steps x gamma] warmup``.
+
+        Target images per step: ``SOLVER.IMS_PER_BATCH`` for the single-dataset stages and for
+        the multi-head baseline (its round-robin loader draws ``SOLVER.IMS_PER_BATCH`` images of
+        *every* dataset per step, so with equal iterations it sees as many target images as the
+        dataset-specific baseline, plus the sources'); ``ADVERSARIAL.TARGET_IMS_PER_BATCH``
+        (unlabelled, for the discriminator) for a source teacher."""
+        out: Dict[str, dict] = {}
+        stages = [("multi_head", None), ("dataset_specific", None), ("target_teacher", None)]
+        stages += [("source_teacher", src) for src in self.sources]
+        stages += [("joint_teacher", None), ("student", None)]
+        reuse = bool(self.cfg.PIPELINE.REUSE_TARGET_TEACHER_AS_BASELINE)
+        for stage, src in stages:
+            if stage == "multi_head" and stage not in self.cfg.PIPELINE.STAGES:
+                continue
+            if stage == "source_teacher" and "source_teachers" not in self.cfg.PIPELINE.STAGES:
+                continue
+            if stage == "dataset_specific" and reuse:
+                continue  # it is the target teacher's run (A24)
+            c = self.stage_cfg(stage, src)
+            so = c.SOLVER
+            lr = f"{so.OPTIMIZER} {float(so.BASE_LR):g} {so.LR_SCHEDULER_NAME}"
+            if "MultiStep" in so.LR_SCHEDULER_NAME:
+                lr += f" steps {list(so.STEPS)} x{float(so.GAMMA):g}"
+            lr += f" warmup {int(so.WARMUP_ITERS)} x{float(so.WARMUP_FACTOR):g}"
+            per_step = int(c.ADVERSARIAL.TARGET_IMS_PER_BATCH) if stage == "source_teacher" \
+                else int(so.IMS_PER_BATCH)
+            name = f"source_teacher_{dataset_output_name(src)}" if src else stage
+            out[name] = {"iters": int(so.MAX_ITER), "target_images": int(so.MAX_ITER) * per_step, "lr": lr}
+        return out
+
+    def check_schedule_parity(self) -> Optional[str]:
+        """Warn (one ``logger.warning`` naming every stage's iterations, target images and LR
+        schedule) when the baseline(s), teachers and student are not trained alike: different
+        iteration counts, LR schedules, or target images between the multi-head and the
+        dataset-specific baseline (paper_notes A18). ``PIPELINE.ALLOW_UNEQUAL_SCHEDULES``
+        silences it. Returns the message (None when equal or allowed)."""
+        if self.cfg.PIPELINE.ALLOW_UNEQUAL_SCHEDULES:
+            return None
+        sched = self.schedules()
+        differ = []
+        if len({(v["iters"], v["lr"]) for v in sched.values()}) > 1:
+            differ.append("iterations / LR schedules")
+        base = [sched[k]["target_images"] for k in ("multi_head", "dataset_specific", "target_teacher")
+                if k in sched and (k != "target_teacher" or "dataset_specific" not in sched)]
+        if len(set(base)) > 1:
+            differ.append("target images of the multi-head and dataset-specific baselines")
+        if not differ:
+            return None
+        msg = ("[pipeline] schedule parity (A18): the stages differ in " + " and ".join(differ) + ": "
+               + "; ".join(f"{k} {v['iters']} it, {v['target_images']} target images, lr {v['lr']}"
+                           for k, v in sched.items())
+               + ". Rows trained for different lengths are not comparable; set "
+                 "PIPELINE.ALLOW_UNEQUAL_SCHEDULES True to run anyway without this warning.")
+        logger.warning(msg)
+        return msg
+
     # --- running --------------------------------------------------------------------------
     def _done(self, out_dir: str) -> bool:
         return (os.path.isfile(os.path.join(out_dir, "model_final.pth"))
@@ -300,6 +362,7 @@ class PipelineRunner:
 
         os.makedirs(self.root, exist_ok=True)
         cfg = self.cfg
+        self.check_schedule_parity()
         for stage in STAGES:
             if stage == "backbone_init":
                 if self._backbone_init_iters():

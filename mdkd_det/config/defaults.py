@@ -250,10 +250,13 @@ _C.TEST = CN()
 # Evaluate every N iterations (0 = only at the end). The best checkpoint by AP is kept as
 # model_best.pth.
 _C.TEST.EVAL_PERIOD = 0
-# FROC operating points (false positives per image) and hit criterion ("iou" or "center").
+# FROC operating points (false positives per image; per scan with TEST.FROC_PER_SCAN) and hit criterion ("iou" or "center").
 _C.TEST.FROC_FPS = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 _C.TEST.FROC_HIT = "iou"
 _C.TEST.FROC_IOU = 0.5
+# Count FROC false positives per scan (records' series_id, else patient_id; LUNA16 CPM) instead of
+# per image; TEST.FROC_FPS are then FPs per scan. Hits stay per 2D box (docs/statistics.md).
+_C.TEST.FROC_PER_SCAN = False
 # Number of prediction-vs-ground-truth PNGs written per evaluated dataset.
 _C.TEST.VIS_NUM = 4
 _C.TEST.VIS_SCORE_THRESH = 0.3

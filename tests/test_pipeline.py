@@ -108,7 +108,11 @@ def test_pipeline_over_seeds(tmp_path, data_root):
     w1 = torch.load(out / "seed_1" / "dataset_specific" / "model_final.pth", weights_only=True)["model"]
     assert any(not torch.equal(w0[k], w1[k]) for k in w0)  # another seed, another run
     assert set(res["per_seed"]["student"]) == {"0", "1"} and set(res["per_seed"]["joint_teacher"]) == {"0"}
-    assert res["per_seed"]["student"]["0"] == {m: res["rows"]["student"][m] for m in ("AP", "AP50")}
+    assert {m: res["per_seed"]["student"]["0"][m] for m in ("AP", "AP50")} == \
+        {m: res["rows"]["student"][m] for m in ("AP", "AP50")}
+    froc = json.loads((out / "seed_1" / "student" / "inference" / "lungct_valid" / "metrics.json").read_text())["froc"]
+    assert res["per_seed"]["student"]["1"]["CPM"] == pytest.approx(froc["CPM"], abs=1e-4)
+    assert res["summary"]["student"]["CPM"]["n"] == 2
     for m in ("AP", "AP50"):
         vals = [res["per_seed"]["dataset_specific"][s][m] for s in ("0", "1")]
         summ = res["summary"]["dataset_specific"][m]
@@ -123,7 +127,7 @@ def test_pipeline_over_seeds(tmp_path, data_root):
         assert d["significant"] is (d["ci95"][0] > 0 or d["ci95"][1] < 0)
     md = (out / "results.md").read_text()
     assert "seeds 0, 1" in md and "paper Table 16" in md and "| 2 |" in md
-    assert "| Multi-head | n/a | n/a | 0 |" in md
+    assert "| Multi-head | n/a | n/a | n/a | 0 |" in md and "CPM per image" in md
     verdict = "no significant difference" if not d["significant"] else "significant"
     assert verdict in md
     assert "seed_1/student" in res["wall_time_s"]

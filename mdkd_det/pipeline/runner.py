@@ -471,17 +471,18 @@ class PipelineRunner:
 
         Schema: ``target``, ``eval_dataset``, ``task``, ``metrics``; ``rows`` (the first seed's
         row values, as in a single-seed run); ``seeds``; ``per_seed`` ``{row: {seed: {metric:
-        value}}}`` (teacher-chain rows have the first seed only); ``summary`` ``{row: {metric:
+        value}}}`` (teacher-chain rows have the first seed only; detection rows add the FROC
+        ``CPM`` of their evaluation, per scan with ``TEST.FROC_PER_SCAN``); ``summary`` ``{row: {metric:
         {"mean", "sd", "n"}}}`` (sample SD, None for n < 2); ``paired`` (see
         :meth:`paired_difference`); ``wall_time_s``.
         """
         metrics = list(self.task.row_metrics)
         per_seed: Dict[str, Dict[str, dict]] = {}
-        for key, v in self.rows.items():
-            per_seed.setdefault(key, {})[str(self.seeds[0])] = {m: _num(v.get(m)) for m in metrics}
-        for seed, rows in self.seed_rows.items():
+        for seed in self.seeds:
+            rows = self.rows if seed == self.seeds[0] else self.seed_rows.get(seed, {})
             for key, v in rows.items():
-                per_seed.setdefault(key, {})[str(seed)] = {m: _num(v.get(m)) for m in metrics}
+                per_seed.setdefault(key, {})[str(seed)] = {**{m: _num(v.get(m)) for m in metrics},
+                                                          **self._froc_cpm(v)}
         results = {
             "target": "+".join(self.target),
             "eval_dataset": self.eval_dataset,
@@ -494,7 +495,8 @@ class PipelineRunner:
                      for k, v in self.rows.items()},
             "seeds": list(self.seeds),
             "per_seed": per_seed,
-            "summary": {k: {m: _mean_sd([r[m] for r in by_seed.values()]) for m in metrics}
+            "summary": {k: {m: _mean_sd([r.get(m) for r in by_seed.values()])
+                            for m in metrics + (["CPM"] if any("CPM" in r for r in by_seed.values()) else [])}
                         for k, by_seed in per_seed.items()},
             "paired": self.paired_difference(),
             "wall_time_s": {k: round(float(v), 1) for k, v in self.wall.items()},
@@ -505,6 +507,16 @@ class PipelineRunner:
             atomic_write_text(os.path.join(self.root, "results.md"), md)
             logger.info("MDKD results (%s):\n%s", self.eval_dataset, md)
         return results
+
+    def _froc_cpm(self, row: dict) -> dict:
+        """``{"CPM": value}`` of a detection row's model (the FROC CPM, a fraction; per scan with
+        ``TEST.FROC_PER_SCAN``) from the ``metrics.json`` beside its predictions, else ``{}``."""
+        f = os.path.join(os.path.dirname(self.predictions_file(row)), "metrics.json")
+        if self.task.result_key != "bbox" or not os.path.isfile(f):
+            return {}
+        with open(f) as fh:
+            cpm = (json.load(fh).get("froc") or {}).get("CPM")
+        return {"CPM": _num(cpm, 4)}
 
     def predictions_file(self, row: dict) -> str:
         """``coco_instances_results.json`` of a row's model on the report dataset:
@@ -569,11 +581,15 @@ class PipelineRunner:
     def results_markdown(self, results: dict) -> str:
         """The paper-table-style markdown of ``results``: one column per task metric (mean ± SD
         over seeds), the number of seeds, the paper's numbers beside ours when the task knows them
-        (:meth:`Task.paper_reference`), and the paired student-minus-baseline difference with its
-        interval; an interval that contains 0 reads "no significant difference"."""
+        (:meth:`Task.paper_reference`), the FROC CPM when the rows have one, and the paired
+        student-minus-baseline difference with its interval; an interval that contains 0 reads
+        "no significant difference"."""
         metrics = list(self.task.row_metrics)
         caption, paper = self.task.paper_reference(self.cfg, self.target[0])
         titles = [self.task.metric_titles.get(m, m) for m in metrics]
+        if any("CPM" in v for v in results["summary"].values()):  # detection: FROC CPM (fraction)
+            metrics.append("CPM")
+            titles.append("CPM per " + ("scan" if self.cfg.TEST.FROC_PER_SCAN else "image"))
         head = "| Model | " + " | ".join(titles) + " | seeds |"
         sep = "|---|" + "---|" * len(metrics) + "---|"
         if paper:
@@ -585,7 +601,7 @@ class PipelineRunner:
         for key in ("multi_head", "dataset_specific", "joint_teacher", "student"):
             row = results["rows"].get(key) or {}
             summ = results["summary"].get(key) or {}
-            vals = [_fmt_mean_sd(summ.get(m)) for m in metrics]
+            vals = [_fmt_mean_sd(summ.get(m), 4 if m == "CPM" else 2) for m in metrics]
             n = max((summ[m]["n"] for m in metrics if m in summ), default=0)
             title = ROW_TITLES[key] + (" (= target teacher, A24)" if row.get("reused_from") else "")
             line = f"| {title} | " + " | ".join(vals) + f" | {n} |"
@@ -624,17 +640,17 @@ def _mean_sd(values) -> dict:
     n = len(v)
     mean = sum(v) / n if n else None
     sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1)) if n > 1 else None
-    return {"mean": _num(mean), "sd": _num(sd), "n": n}
+    return {"mean": _num(mean, 4), "sd": _num(sd, 4), "n": n}
 
 
 def _signed(x) -> str:
     return "n/a" if x is None else f"{x:+.2f}"
 
 
-def _fmt_mean_sd(s: Optional[dict]) -> str:
+def _fmt_mean_sd(s: Optional[dict], digits: int = 2) -> str:
     if not s or s["mean"] is None:
         return "n/a"
-    return f"{s['mean']:.2f}" + (f" ± {s['sd']:.2f}" if s["sd"] is not None else "")
+    return f"{s['mean']:.{digits}f}" + (f" ± {s['sd']:.{digits}f}" if s["sd"] is not None else "")
 
 
 def _verdict(d: dict) -> str:
@@ -644,8 +660,8 @@ def _verdict(d: dict) -> str:
     return "significant gain" if d["ci95"][0] > 0 else "significant loss"
 
 
-def _num(x) -> Optional[float]:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 3)
+def _num(x, digits: int = 3) -> Optional[float]:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), digits)
 
 
 def run_pipeline(cfg: CfgNode, stages: Optional[Sequence[str]] = None, rerun: Sequence[str] = ()) -> dict:

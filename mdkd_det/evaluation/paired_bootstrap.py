@@ -5,8 +5,8 @@ dataset-specific baseline) on this test set, beyond the noise of which test imag
 drawn?* For each seed ``s`` we have the two models' COCO results lists on the same test images.
 
 - **Point estimate.** ``d_s = M(B_s) - M(A_s)`` on the full test set (``M`` = COCO AP or AP50,
-  percent, faster-coco-eval as in
-  :func:`~mdkd_det.evaluation.coco_evaluation.coco_bbox_metrics`; see :class:`CocoImageResampler`); the reported difference is ``mean_s d_s``.
+  percent, faster-coco-eval as in :func:`~mdkd_det.evaluation.coco_evaluation.coco_bbox_metrics`;
+  see :class:`CocoImageResampler`); the reported difference is ``mean_s d_s``.
 - **Resampling.** ``B`` times, draw ``N`` image indices with replacement from the ``N`` test
   images (numpy ``default_rng(seed)``). The *same* draw is applied to both models and to every
   seed (paired design: the image-level difficulty cancels), and ``mean_s d_s`` is recomputed on
@@ -28,11 +28,10 @@ tests for machine translation evaluation"). COCO AP: faster-coco-eval (pycocotoo
 
 from __future__ import annotations
 
-from collections import defaultdict
-from typing import Any, Dict, List, Mapping, Sequence, Tuple
-
 import copy
 import logging
+from collections import defaultdict
+from typing import Any, Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 
@@ -137,7 +136,7 @@ def paired_bootstrap(
         pairs: one ``(results_A, results_B)`` per seed: COCO results lists (``image_id``,
             ``category_id``, ``bbox`` xywh px, ``score``) of the baseline A and the model B.
         metrics: COCO metric names from :data:`METRICS` (AP, AP50, AP75; percent).
-        num_resamples: bootstrap resamples ``B`` (>= 1); 0 gives the point estimates only
+        num_resamples: bootstrap resamples ``B`` (>= 0); 0 gives the point estimates only
             (``ci95`` None, ``significant`` False).
         seed: seed of the resampling RNG (numpy ``default_rng``).
 

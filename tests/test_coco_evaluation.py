@@ -12,6 +12,7 @@ import torch
 
 from mdkd_det.data.catalog import Metadata
 from mdkd_det.evaluation import coco_evaluation
+from mdkd_det.utils.errors import DatasetError
 from mdkd_det.evaluation.coco_evaluation import COCO_BBOX_METRIC_NAMES, COCOEvaluator
 
 
@@ -245,3 +246,30 @@ def test_distributed_gather_matches_single_process(tmp_path):
     records, meta = _small_set()
     single = _run(COCOEvaluator("small", records, meta), records, _noisy_outputs(records, np.random.default_rng(5)))
     assert rank0 == coco_evaluation.to_json_safe(single)
+
+
+def test_froc_per_scan(tmp_path):
+    # the detections of test_files_use_source_ids_and_no_gt_image; images 100 and 205 are one scan
+    # (series s1), 7 and 0 another (s2). Score order .9 TP, .8 TP, .7 FP, .6 TP, 4 GT, 2 scans:
+    # points (FP/scan, sens) (0, 0) (0, .25) (0, .5) (.5, .5) (.5, .75)
+    # -> sens@0.125 = sens@0.25 = 0.5 (per image the FP counted .25 and sens@0.25 was .75), sens@0.5 = .75
+    records, meta = _small_set()
+    for r, sid in zip(records, ("s1", "s1", "s2", "s2")):
+        r["series_id"] = sid
+    records[0]["patient_id"] = "p9"  # series_id takes precedence over patient_id
+    outputs = [
+        {"boxes": torch.tensor([[11.0, 10.0, 50.0, 41.0], [100.0, 60.0, 170.0, 160.0]]),
+         "scores": torch.tensor([0.9, 0.6]), "labels": torch.tensor([1, 2])},
+        {"boxes": torch.tensor([[5.0, 5.0, 25.0, 25.0]]), "scores": torch.tensor([0.7]), "labels": torch.tensor([2])},
+        {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)},
+        {"boxes": torch.tensor([[150.0, 25.0, 290.0, 190.0]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([1])},
+    ]
+    res = _run(COCOEvaluator("small", records, meta, froc_fps=(0.125, 0.25, 0.5), froc_per_scan=True),
+               records, outputs, batch=3)["froc"]
+    assert (res["sens@0.125"], res["sens@0.25"], res["sens@0.5"]) == (0.5, 0.5, 0.75)
+    assert res["CPM"] == pytest.approx((0.5 + 0.5 + 0.75) / 3) and res["num_scans"] == 2
+    per_image = _run(COCOEvaluator("small", records, meta, froc_fps=(0.125, 0.25, 0.5)), records, outputs)["froc"]
+    assert per_image["sens@0.25"] == 0.75 and "num_scans" not in per_image
+    del records[2]["series_id"]
+    with pytest.raises(DatasetError, match="TEST.FROC_PER_SCAN needs 'series_id' or 'patient_id'.*image 7"):
+        COCOEvaluator("small", records, meta, froc_per_scan=True)

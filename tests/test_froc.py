@@ -120,3 +120,22 @@ def test_bad_input_raises():
         froc(gt, [np.zeros((2, 4))], [np.zeros(1)])
     with pytest.raises(ValueError, match=r"\[N, 4\]"):
         froc([np.zeros((1, 3))], [np.zeros((0, 4))], [np.zeros(0)])
+
+
+def test_hand_computed_per_scan():
+    # the case of test_hand_computed_iou with images A and B in scan s1, C in scan s2 (2 scans):
+    # operating points (FP, sens) (0,0) (0,1/3) (1,1/3) (2,1/3) (3,1/3) (3,2/3) (3,1)
+    # FP/scan = FP/2: 0, 0, .5, 1, 1.5, 1.5, 1.5
+    # sens@0.125 = sens@0.25 = sens@0.5 = sens@1 = 1/3; sens@2 = sens@4 = sens@8 = 1
+    # CPM = (4 * 1/3 + 3 * 1) / 7 = 13/21 (per image it is 5/7: sens@1 = 1 there)
+    r = froc(*_case(), fps_per_image=RATES, hit="iou", iou_thresh=0.5, scan_ids=["s1", "s1", "s2"])
+    expected = [1 / 3, 1 / 3, 1 / 3, 1 / 3, 1, 1, 1]
+    for rate, e in zip(RATES, expected):
+        assert r[froc_key(rate)] == pytest.approx(e), rate
+    assert r["CPM"] == pytest.approx(13 / 21)
+    assert (r["num_images"], r["num_scans"], r["num_gt"], r["num_tp"], r["num_fp"]) == (3, 2, 3, 3, 3)
+    # one scan per image is the per-image FROC
+    per_image = froc(*_case(), fps_per_image=RATES, scan_ids=["a", "b", "c"])
+    assert per_image["CPM"] == pytest.approx(5 / 7)
+    with pytest.raises(ValueError, match="scan_ids needs one entry per image"):
+        froc(*_case(), scan_ids=["s1"])

@@ -255,10 +255,14 @@ _C.TEST.EVAL_PERIOD = 0
 # iteration -1 in model_best.json), so model selection can keep the starting point. The pipeline
 # turns it on for a joint teacher whose heads start from the target teacher (issue 10).
 _C.TEST.EVAL_AT_START = False
-# FROC operating points (false positives per image) and hit criterion ("iou" or "center").
+# FROC operating points (false positives per image; per scan with TEST.FROC_PER_SCAN) and hit
+# criterion ("iou" or "center").
 _C.TEST.FROC_FPS = [0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0]
 _C.TEST.FROC_HIT = "iou"
 _C.TEST.FROC_IOU = 0.5
+# Count FROC false positives per scan (records' series_id, else patient_id; LUNA16 CPM) instead of
+# per image; TEST.FROC_FPS are then FPs per scan. Hits stay per 2D box (docs/statistics.md).
+_C.TEST.FROC_PER_SCAN = False
 # Number of prediction-vs-ground-truth PNGs written per evaluated dataset.
 _C.TEST.VIS_NUM = 4
 _C.TEST.VIS_SCORE_THRESH = 0.3
@@ -421,3 +425,17 @@ _C.PIPELINE.RERUN = ()
 # on DATASETS.TEST[0]; later stages load the selected teachers.
 _C.PIPELINE.VAL_DATASET = ""
 _C.PIPELINE.VAL_PERIOD = 0
+# Training seeds of the per-seed rows (CLI --seeds 0 1 2); () = one run with SEED. The teacher
+# chain (backbone_init, multi_head, target_teacher, source_teachers, joint_teacher) is trained
+# once, with the first seed, in OUTPUT_DIR/<stage>/; dataset_specific and student are trained for
+# every seed: the first in OUTPUT_DIR/<stage>/, seed s in OUTPUT_DIR/seed_<s>/<stage>/, every
+# student distilled from the shared joint teacher (docs/statistics.md).
+_C.PIPELINE.SEEDS = ()
+# Paired bootstrap of student - dataset_specific over the test images (detection: COCO AP/AP50):
+# number of resamples (0 = no interval, per-seed differences only) and the resampling RNG seed.
+_C.PIPELINE.BOOTSTRAP_RESAMPLES = 1000
+_C.PIPELINE.BOOTSTRAP_SEED = 0
+# A18: the runner warns when the baselines, teachers and student get different iteration counts
+# or LR schedules (or the multi-head baseline sees a different number of target images than the
+# dataset-specific one). True silences the warning (a deliberate, documented choice).
+_C.PIPELINE.ALLOW_UNEQUAL_SCHEDULES = False

@@ -61,6 +61,10 @@ def default_argument_parser(description: str = "mdkd_det training") -> argparse.
                         "dataset_specific, target_teacher, source_teachers, joint_teacher, student")
     p.add_argument("--rerun", action="append", default=[], metavar="STAGE",
                    help="pipeline configs: retrain this stage even if its checkpoint exists")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, metavar="SEED",
+                   help="pipeline configs: train the per-seed rows (dataset_specific, student) once "
+                        "per seed, sharing the teacher chain; sets PIPELINE.SEEDS (with trailing KEY VALUE "
+                        "overrides write the override PIPELINE.SEEDS \"(0, 1, 2)\" instead)")
     p.add_argument("opts", default=None, nargs=argparse.REMAINDER,
                    help="KEY VALUE config overrides, e.g. SOLVER.MAX_ITER 100")
     return p
@@ -86,7 +90,8 @@ def dataset_output_name(name: str) -> str:
 def setup_cfg(args) -> CfgNode:
     """Defaults <- ``--config-file`` (with ``_BASE_``) <- ``KEY VALUE`` overrides; frozen.
 
-    ``--coco-json``/``--coco-images`` set ``DATASETS.TEST`` to that dataset.
+    ``--coco-json``/``--coco-images`` set ``DATASETS.TEST`` to that dataset; ``--seeds`` sets
+    ``PIPELINE.SEEDS``.
 
     Raises:
         ConfigError: unknown key (naming key and file), missing file, or only one of
@@ -106,6 +111,8 @@ def setup_cfg(args) -> CfgNode:
         cfg.DATASETS.TEST = (coco_dataset_name(args.coco_json, args.coco_images),)
     if getattr(args, "trust_checkpoints", False):
         cfg.MODEL.TRUST_CHECKPOINTS = True
+    if getattr(args, "seeds", None):
+        cfg.PIPELINE.SEEDS = tuple(int(s) for s in args.seeds)
     cfg.freeze()
     return cfg
 

@@ -89,6 +89,24 @@ def contiguous_to_dataset_ids(metadata: Any, dataset_name: str = "?") -> Dict[in
     return inv
 
 
+def _scan_ids(records: List[dict], dataset_name: str) -> List[str]:
+    """One scan id per record: ``series_id`` (one CT series), else ``patient_id``.
+
+    Raises:
+        DatasetError: a record has neither (naming the dataset and the image).
+    """
+    out = []
+    for r in records:
+        sid = r.get("series_id") or r.get("patient_id")
+        if sid in (None, ""):
+            raise DatasetError(
+                f"dataset '{dataset_name}': TEST.FROC_PER_SCAN needs 'series_id' or 'patient_id' in "
+                f"every record; image {r.get('image_id')!r} has neither"
+            )
+        out.append(str(sid))
+    return out
+
+
 def coco_bbox_metrics(gt_dict: dict, results: List[dict]) -> Dict[str, float]:
     """COCO bbox AP/AR (x100, NaN where COCO gives -1) with faster-coco-eval.
 
@@ -152,9 +170,11 @@ class COCOEvaluator:
             (``thing_classes`` for the number of classes, else taken from the mapping).
         output_dir: where ``coco_instances_results.json`` and ``metrics.json`` are written
             (created if needed); ``None`` writes nothing.
-        froc_fps: FP/image rates of the FROC sensitivities.
+        froc_fps: FP/image (FP/scan with ``froc_per_scan``) rates of the FROC sensitivities.
         froc_hit: ``"iou"`` or ``"center"`` (see :func:`.froc.froc`).
         froc_iou: IoU threshold for ``froc_hit="iou"``.
+        froc_per_scan: count FROC false positives per scan (the records' ``series_id``, else
+            ``patient_id``) instead of per image, as the LUNA16 CPM (``TEST.FROC_PER_SCAN``).
 
     The ground-truth COCO dict comes from ``data.datasets.coco.records_to_coco_dict`` (COCO
     xywh, the records' own image ids, source category ids, annotation ids from 1; built lazily,
@@ -167,7 +187,8 @@ class COCOEvaluator:
     and DeepLesion, and uses every detection (COCO keeps the top 100 per image).
 
     Raises:
-        DatasetError: duplicate image ids in ``records``, metadata without the category
+        DatasetError: a record without ``series_id``/``patient_id`` when ``froc_per_scan``,
+            duplicate image ids in ``records``, metadata without the category
             mapping, ground-truth categories that cannot be matched, a processed record whose image id is not among ``records``, a predicted
             label outside 1..K, or outputs whose shapes disagree.
         ValueError: ``froc_hit`` unknown.
@@ -184,6 +205,7 @@ class COCOEvaluator:
         froc_fps: Sequence[float] = DEFAULT_FPS_PER_IMAGE,
         froc_hit: str = "iou",
         froc_iou: float = 0.5,
+        froc_per_scan: bool = False,
     ) -> None:
         if froc_hit not in ("iou", "center"):
             raise ValueError(f"COCOEvaluator: froc_hit must be 'iou' or 'center', got {froc_hit!r}")
@@ -194,6 +216,7 @@ class COCOEvaluator:
         self.froc_fps = tuple(float(r) for r in froc_fps)
         self.froc_hit = froc_hit
         self.froc_iou = float(froc_iou)
+        self.scan_ids = _scan_ids(self.records, dataset_name) if froc_per_scan else None
 
         self._contig_to_src = contiguous_to_dataset_ids(metadata, dataset_name)
         classes = getattr(metadata, "thing_classes", None)
@@ -378,7 +401,7 @@ class COCOEvaluator:
             p = preds.get(rec["image_id"])
             dets.append(p["boxes"] if p is not None else np.zeros((0, 4)))
             scs.append(p["scores"] if p is not None else np.zeros(0))
-        return froc(gts, dets, scs, self.froc_fps, self.froc_hit, self.froc_iou)
+        return froc(gts, dets, scs, self.froc_fps, self.froc_hit, self.froc_iou, scan_ids=self.scan_ids)
 
     def evaluate(self) -> Dict[str, Dict[str, float]]:
         """Compute metrics; on rank 0 write the files and return them, elsewhere return ``{}``.

@@ -3,7 +3,8 @@
 Source: the FROC protocol of LUNA16 (Setio et al., MedIA 2017, Sec. "Evaluation") and the
 DeepLesion benchmark (Yan et al., J. Med. Imaging 5(3), 2018; sensitivity at 0.5/1/2/4/8
 FPs per image). The "competition performance metric" (CPM) is the mean sensitivity over the
-requested FP rates (LUNA16 uses 1/8, 1/4, 1/2, 1, 2, 4, 8 FPs per scan; here: per image).
+requested FP rates (LUNA16 uses 1/8, 1/4, 1/2, 1, 2, 4, 8 FPs per scan; here: per image by
+default, per scan with ``scan_ids``).
 
 Choices (all documented in :func:`froc`):
 
@@ -24,11 +25,16 @@ Choices (all documented in :func:`froc`):
 - Sensitivity is a fraction in [0, 1] (not percent), as LUNA16/DeepLesion report it.
 - With no ground-truth box at all every sensitivity (and the CPM) is NaN; with no image at all
   likewise.
+- **Per scan** (``scan_ids``, config ``TEST.FROC_PER_SCAN``): the FP rate of an operating point is
+  its false positives divided by the number of distinct scans (CT series) instead of images, as
+  in the LUNA16 CPM; matching, sweep and the rate points are unchanged. Hits are still counted
+  per 2D ground-truth box (a lesion visible on three slices counts three times); LUNA16 counts
+  3D nodules, which 2D slice datasets cannot give without a 3D grouping of the boxes.
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, Hashable, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -101,26 +107,31 @@ def froc(
     fps_per_image: Sequence[float] = DEFAULT_FPS_PER_IMAGE,
     hit: str = "iou",
     iou_thresh: float = 0.5,
+    scan_ids: Optional[Sequence[Hashable]] = None,
 ) -> Dict[str, float]:
-    """FROC sensitivities at fixed FPs/image and their mean (CPM), over a set of images.
+    """FROC sensitivities at fixed FPs/image (or FPs/scan) and their mean (CPM), over a set of images.
 
     Args:
         gt_boxes: one array per image, ``[G_i, 4]`` XYXY in px (``G_i`` may be 0).
         det_boxes: one array per image, ``[D_i, 4]`` XYXY in px (``D_i`` may be 0).
         det_scores: one array per image, ``[D_i]`` confidence scores.
-        fps_per_image: FP rates (false positives per image) at which sensitivity is read.
+        fps_per_image: FP rates (false positives per image; per scan with ``scan_ids``) at
+            which sensitivity is read.
         hit: ``"iou"`` (IoU >= ``iou_thresh`` with the GT box) or ``"center"`` (the detection's
             centre lies inside the GT box, borders included).
         iou_thresh: IoU threshold for ``hit="iou"``.
+        scan_ids: optional, one scan (CT series) id per image; then the FP rate is false
+            positives per *scan* (number of distinct ids), as in the LUNA16 CPM.
 
     Returns:
         ``{"sens@0.125": s, ..., "sens@8": s, "CPM": mean of those, "num_images": N,
         "num_gt": G, "num_tp": TP at the lowest threshold, "num_fp": FP at the lowest
-        threshold}``; sensitivities are fractions in [0, 1], NaN when there is no GT box.
+        threshold}``, plus ``"num_scans"`` with ``scan_ids``; sensitivities are fractions in
+        [0, 1], NaN when there is no GT box.
         See the module docstring for matching, sweep and interpolation choices.
 
     Raises:
-        ValueError: the three lists differ in length, an array has the wrong shape, boxes and
+        ValueError: the three lists (and ``scan_ids``) differ in length, an array has the wrong shape, boxes and
             scores of one image differ in count, ``hit`` is unknown, or ``fps_per_image`` is
             empty or has a non-positive rate.
 
@@ -132,6 +143,8 @@ def froc(
             f"froc: gt_boxes, det_boxes and det_scores need one entry per image, got "
             f"{len(gt_boxes)}, {len(det_boxes)}, {len(det_scores)}"
         )
+    if scan_ids is not None and len(scan_ids) != len(gt_boxes):
+        raise ValueError(f"froc: scan_ids needs one entry per image, got {len(scan_ids)} for {len(gt_boxes)} images")
     if hit not in ("iou", "center"):
         raise ValueError(f"froc: hit must be 'iou' or 'center', got {hit!r}")
     rates = [float(r) for r in fps_per_image]
@@ -174,7 +187,7 @@ def froc(
         out["CPM"] = float("nan")
     else:
         sens = tp_pts / n_gt
-        fppi = fp_pts / n_img
+        fppi = fp_pts / (n_img if scan_ids is None else len(set(scan_ids)))  # FPs per image or scan
         vals = []
         for r in rates:
             ok = fppi <= r + 1e-12  # tolerance for float FP/image rates such as 1/8
@@ -186,4 +199,6 @@ def froc(
     out["num_gt"] = int(n_gt)
     out["num_tp"] = int(tp_pts[-1])
     out["num_fp"] = int(fp_pts[-1])
+    if scan_ids is not None:
+        out["num_scans"] = len(set(scan_ids))
     return out

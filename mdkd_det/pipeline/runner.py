@@ -24,6 +24,15 @@ only a ``last_checkpoint`` resumes exactly. ``OUTPUT_DIR/results.json`` and ``re
 collect the target-evaluation rows (the task's ``row_metrics``, e.g. AP/AP50 in percent for
 detection) and each stage's wall time.
 
+Seeds (``PIPELINE.SEEDS`` / ``--seeds``): the teacher chain (``backbone_init``, ``multi_head``,
+``target_teacher``, source teachers, ``joint_teacher``) is trained once with the first seed, in
+the folders above; the :data:`PER_SEED_STAGES` (``dataset_specific``, ``student``) are trained
+for every seed, the first in ``OUTPUT_DIR/<stage>/`` and seed ``s`` in
+``OUTPUT_DIR/seed_<s>/<stage>/`` with ``SEED = s``, every student distilled from the shared joint
+teacher. ``results.json`` adds per-seed values, mean ± SD and the student-minus-baseline
+difference paired by seed with a paired-bootstrap 95% interval over the test images
+(docs/statistics.md).
+
 Model selection: by default a row is the stage's final model. With ``PIPELINE.VAL_DATASET``
 (e.g. the MSD lung hold-out ``msd_lung_val``) every evaluated stage validates on that dataset
 every ``PIPELINE.VAL_PERIOD`` iterations, keeps ``model_best.pth`` by the task's primary metric
@@ -56,6 +65,11 @@ ROW_OF_STAGE = {"multi_head": "multi_head", "dataset_specific": "dataset_specifi
                 "joint_teacher": "joint_teacher", "student": "student"}
 ROW_TITLES = {"multi_head": "Multi-head", "dataset_specific": "Dataset-specific",
               "joint_teacher": "Joint teacher", "student": "Student"}
+#: Stages trained once per seed of ``PIPELINE.SEEDS``; every other stage is the teacher chain,
+#: trained once with the first seed and shared.
+PER_SEED_STAGES = ("dataset_specific", "student")
+
+
 class PipelineRunner:
     """Run the MDKD stages for ``cfg`` (``PIPELINE.*``, ``DATASETS.TRAIN`` = target).
 
@@ -86,18 +100,37 @@ class PipelineRunner:
         self.root = cfg.OUTPUT_DIR
         self.task = get_task(cfg)
         self.val_dataset = str(cfg.PIPELINE.VAL_DATASET)
+        self.seeds = [int(x) for x in cfg.PIPELINE.SEEDS] or [int(cfg.SEED)]
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ConfigError(f"PIPELINE.SEEDS {list(cfg.PIPELINE.SEEDS)} repeats a seed")
         self.wall: Dict[str, float] = {}
-        self.rows: Dict[str, dict] = {}
+        self.rows: Dict[str, dict] = {}  # rows of the first seed (and the shared teacher rows)
+        self.seed_rows: Dict[int, Dict[str, dict]] = {s: {} for s in self.seeds[1:]}
 
     # --- config deltas --------------------------------------------------------------------
     def _iters(self, key: str) -> int:
         return int(getattr(self.cfg.PIPELINE.ITERS, key)) or int(self.cfg.SOLVER.MAX_ITER)
 
-    def stage_cfg(self, stage: str, source: Optional[str] = None) -> CfgNode:
-        """The config of one stage: the pipeline config plus that stage's delta."""
+    def stage_cfg(self, stage: str, source: Optional[str] = None, seed: Optional[int] = None) -> CfgNode:
+        """The config of one stage: the pipeline config plus that stage's delta.
+
+        ``seed`` (default: the first of :attr:`seeds`) sets ``SEED``; a seed other than the first
+        is only allowed for :data:`PER_SEED_STAGES` and writes to ``OUTPUT_DIR/seed_<seed>/``.
+        The first seed's config does not depend on the other seeds (``PIPELINE.SEEDS`` is
+        cleared), so a single-seed run and the first seed of a multi-seed run are the same run.
+
+        Raises:
+            ConfigError: a non-first seed for a teacher-chain stage, or a bad stage delta.
+        """
+        seed = self.seeds[0] if seed is None else int(seed)
+        if seed != self.seeds[0] and stage not in PER_SEED_STAGES:
+            raise ConfigError(f"stage '{stage}' is trained once (first seed {self.seeds[0]}); "
+                              f"only {list(PER_SEED_STAGES)} run per seed")
         c = self.cfg.clone()
         c.defrost()
         c.PIPELINE.ENABLED = False
+        c.PIPELINE.SEEDS = ()
+        c.SEED = seed
         c.DATASETS.TEST = (self.eval_dataset,)
         teacher_bb = c.PIPELINE.TEACHER_BACKBONE
         if self._backbone_init_iters() and stage != "backbone_init":
@@ -145,7 +178,7 @@ class PipelineRunner:
             c.TEST.EVAL_PERIOD = int(c.PIPELINE.VAL_PERIOD) or int(c.TEST.EVAL_PERIOD)
         self.task.configure_stage(c, stage, source)
         c.SOLVER.CHECKPOINT_PERIOD = min(int(c.SOLVER.CHECKPOINT_PERIOD), int(c.SOLVER.MAX_ITER))
-        c.OUTPUT_DIR = self.stage_dir(stage, source)
+        c.OUTPUT_DIR = self.stage_dir(stage, source, seed)
         c.freeze()
         return c
 
@@ -157,9 +190,12 @@ class PipelineRunner:
                               f"MODEL.META_ARCHITECTURE ('{self.cfg.MODEL.META_ARCHITECTURE}')")
         return n
 
-    def stage_dir(self, stage: str, source: Optional[str] = None) -> str:
-        """``OUTPUT_DIR/<stage>`` (``source_teacher_<dataset>`` for a source teacher)."""
+    def stage_dir(self, stage: str, source: Optional[str] = None, seed: Optional[int] = None) -> str:
+        """``OUTPUT_DIR/<stage>`` (``source_teacher_<dataset>`` for a source teacher);
+        ``OUTPUT_DIR/seed_<seed>/<stage>`` for a seed other than the first."""
         name = f"source_teacher_{dataset_output_name(source)}" if stage == "source_teacher" else stage
+        if seed is not None and int(seed) != self.seeds[0]:
+            return os.path.join(self.root, f"seed_{int(seed)}", name)
         return os.path.join(self.root, name)
 
     def teacher_checkpoints(self) -> List[str]:
@@ -174,6 +210,68 @@ class PipelineRunner:
         best = os.path.join(out_dir, "model_best.pth")
         return best if self.val_dataset and os.path.isfile(best) else os.path.join(out_dir, "model_final.pth")
 
+    # --- schedule parity (A18) -----------------------------------------------------------
+    def schedules(self) -> Dict[str, dict]:
+        """``{stage: {"iters", "target_images", "lr"}}`` of every trained stage but
+        ``backbone_init`` (an initialisation, not a compared model): iterations, target images
+        seen (iterations x target images per step) and the LR schedule
+        ``optimizer base_lr scheduler [steps x gamma] warmup``.
+
+        Target images per step: ``SOLVER.IMS_PER_BATCH`` for the single-dataset stages and for
+        the multi-head baseline (its round-robin loader draws ``SOLVER.IMS_PER_BATCH`` images of
+        *every* dataset per step, so with equal iterations it sees as many target images as the
+        dataset-specific baseline, plus the sources'); ``ADVERSARIAL.TARGET_IMS_PER_BATCH``
+        (unlabelled, for the discriminator) for a source teacher."""
+        out: Dict[str, dict] = {}
+        stages = [("multi_head", None), ("dataset_specific", None), ("target_teacher", None)]
+        stages += [("source_teacher", src) for src in self.sources]
+        stages += [("joint_teacher", None), ("student", None)]
+        reuse = bool(self.cfg.PIPELINE.REUSE_TARGET_TEACHER_AS_BASELINE)
+        for stage, src in stages:
+            if stage == "multi_head" and stage not in self.cfg.PIPELINE.STAGES:
+                continue
+            if stage == "source_teacher" and "source_teachers" not in self.cfg.PIPELINE.STAGES:
+                continue
+            if stage == "dataset_specific" and reuse:
+                continue  # it is the target teacher's run (A24)
+            c = self.stage_cfg(stage, src)
+            so = c.SOLVER
+            lr = f"{so.OPTIMIZER} {float(so.BASE_LR):g} {so.LR_SCHEDULER_NAME}"
+            if "MultiStep" in so.LR_SCHEDULER_NAME:
+                lr += f" steps {list(so.STEPS)} x{float(so.GAMMA):g}"
+            lr += f" warmup {int(so.WARMUP_ITERS)} x{float(so.WARMUP_FACTOR):g}"
+            per_step = int(c.ADVERSARIAL.TARGET_IMS_PER_BATCH) if stage == "source_teacher" \
+                else int(so.IMS_PER_BATCH)
+            name = f"source_teacher_{dataset_output_name(src)}" if src else stage
+            out[name] = {"iters": int(so.MAX_ITER), "target_images": int(so.MAX_ITER) * per_step, "lr": lr}
+        return out
+
+    def check_schedule_parity(self) -> Optional[str]:
+        """Warn (one ``logger.warning`` naming every stage's iterations, target images and LR
+        schedule) when the baseline(s), teachers and student are not trained alike: different
+        iteration counts, LR schedules, or target images between the multi-head and the
+        dataset-specific baseline (paper_notes A18). ``PIPELINE.ALLOW_UNEQUAL_SCHEDULES``
+        silences it. Returns the message (None when equal or allowed)."""
+        if self.cfg.PIPELINE.ALLOW_UNEQUAL_SCHEDULES:
+            return None
+        sched = self.schedules()
+        differ = []
+        if len({(v["iters"], v["lr"]) for v in sched.values()}) > 1:
+            differ.append("iterations / LR schedules")
+        base = [sched[k]["target_images"] for k in ("multi_head", "dataset_specific", "target_teacher")
+                if k in sched and (k != "target_teacher" or "dataset_specific" not in sched)]
+        if len(set(base)) > 1:
+            differ.append("target images of the multi-head and dataset-specific baselines")
+        if not differ:
+            return None
+        msg = ("[pipeline] schedule parity (A18): the stages differ in " + " and ".join(differ) + ": "
+               + "; ".join(f"{k} {v['iters']} it, {v['target_images']} target images, lr {v['lr']}"
+                           for k, v in sched.items())
+               + ". Rows trained for different lengths are not comparable; set "
+                 "PIPELINE.ALLOW_UNEQUAL_SCHEDULES True to run anyway without this warning.")
+        logger.warning(msg)
+        return msg
+
     # --- running --------------------------------------------------------------------------
     def _done(self, out_dir: str) -> bool:
         return (os.path.isfile(os.path.join(out_dir, "model_final.pth"))
@@ -184,7 +282,8 @@ class PipelineRunner:
         """Train (or skip/resume) one stage and evaluate it on the target; returns its result."""
         out = cfg.OUTPUT_DIR
         result_file = os.path.join(out, "stage_result.json")
-        if self._done(out) and name not in self.rerun and not (
+        stage = name.rsplit("/", 1)[-1]  # "seed_<s>/student" -> "student"
+        if self._done(out) and stage not in self.rerun and not (
                 name.startswith("source_teacher") and "source_teachers" in self.rerun):
             with open(result_file) as f:
                 res = json.load(f)
@@ -194,7 +293,7 @@ class PipelineRunner:
         with open(os.path.join(out, "config.yaml"), "w") as f:
             f.write(cfg.dump())
         resume = (os.path.isfile(os.path.join(out, "last_checkpoint"))
-                  and name not in self.rerun)
+                  and stage not in self.rerun)
         logger.info("[pipeline] %s: training %d iterations -> %s%s", name, cfg.SOLVER.MAX_ITER,
                     out, " (resuming)" if resume else "")
         t0 = time.perf_counter()
@@ -262,6 +361,7 @@ class PipelineRunner:
 
         os.makedirs(self.root, exist_ok=True)
         cfg = self.cfg
+        self.check_schedule_parity()
         for stage in STAGES:
             if stage == "backbone_init":
                 if self._backbone_init_iters():
@@ -305,7 +405,35 @@ class PipelineRunner:
                 self.rows[ROW_OF_STAGE[stage]] = res
             if stage == "target_teacher" and cfg.PIPELINE.REUSE_TARGET_TEACHER_AS_BASELINE:
                 self.rows["dataset_specific"] = dict(res, reused_from="target_teacher")
+        for seed in self.seeds[1:]:
+            self._run_seed(seed, KDTrainer)
         return self.write_results()
+
+    def _run_seed(self, seed: int, kd_trainer) -> None:
+        """Train (or collect) the :data:`PER_SEED_STAGES` of a non-first ``seed`` in
+        ``OUTPUT_DIR/seed_<seed>/``; the student distils from the shared joint teacher. With
+        ``PIPELINE.REUSE_TARGET_TEACHER_AS_BASELINE`` the dataset-specific run of this seed is
+        trained here (it is the target teacher's run with this seed)."""
+        rows = self.seed_rows[seed]
+        for stage in PER_SEED_STAGES:
+            scfg = self.stage_cfg(stage, seed=seed)
+            name = f"seed_{seed}/{stage}"
+            if stage not in self.stages:
+                f = os.path.join(scfg.OUTPUT_DIR, "stage_result.json")
+                if os.path.isfile(f):
+                    with open(f) as fh:
+                        rows[stage] = json.load(fh)
+                    self.wall.setdefault(name, rows[stage].get("wall_time_s", float("nan")))
+                continue
+            if stage == "dataset_specific" and self.cfg.PIPELINE.REUSE_TARGET_TEACHER_AS_BASELINE:
+                self._check_reuse()
+            if stage == "student":
+                res = self._run_one(name, scfg, kd_trainer, checkpoint="model_student.pth",
+                                    after_train=self._export_student if self.val_dataset else None)
+            else:
+                res = self._run_one(name, scfg, DefaultTrainer)
+            rows[stage] = res
+            self.wall[name] = res["wall_time_s"]
 
     @staticmethod
     def _export_student(trainer) -> None:
@@ -338,17 +466,38 @@ class PipelineRunner:
 
     # --- results --------------------------------------------------------------------------
     def write_results(self) -> dict:
-        """Write ``results.json`` (schema in the issue) and ``results.md``; return the dict."""
+        """Write ``results.json`` and ``results.md``; return the dict.
+
+        Schema: ``target``, ``eval_dataset``, ``task``, ``metrics``; ``rows`` (the first seed's
+        row values, as in a single-seed run); ``seeds``; ``per_seed`` ``{row: {seed: {metric:
+        value}}}`` (teacher-chain rows have the first seed only; detection rows add the FROC
+        ``CPM`` of their evaluation, per scan with ``TEST.FROC_PER_SCAN``); ``summary`` ``{row: {metric:
+        {"mean", "sd", "n"}}}`` (sample SD, None for n < 2); ``paired`` (see
+        :meth:`paired_difference`); ``wall_time_s``.
+        """
+        metrics = list(self.task.row_metrics)
+        per_seed: Dict[str, Dict[str, dict]] = {}
+        for seed in self.seeds:
+            rows = self.rows if seed == self.seeds[0] else self.seed_rows.get(seed, {})
+            for key, v in rows.items():
+                per_seed.setdefault(key, {})[str(seed)] = {**{m: _num(v.get(m)) for m in metrics},
+                                                          **self._froc_cpm(v)}
         results = {
             "target": "+".join(self.target),
             "eval_dataset": self.eval_dataset,
             "task": self.task.name,
-            "metrics": list(self.task.row_metrics),
-            "rows": {k: {**{m: _num(v.get(m)) for m in self.task.row_metrics},
+            "metrics": metrics,
+            "rows": {k: {**{m: _num(v.get(m)) for m in metrics},
                          "checkpoint": v.get("checkpoint"),
                          **({"reused_from": v["reused_from"]} if v.get("reused_from") else {}),
                          **({"selected_by": v["selected_by"]} if v.get("selected_by") else {})}
                      for k, v in self.rows.items()},
+            "seeds": list(self.seeds),
+            "per_seed": per_seed,
+            "summary": {k: {m: _mean_sd([r.get(m) for r in by_seed.values()])
+                            for m in metrics + (["CPM"] if any("CPM" in r for r in by_seed.values()) else [])}
+                        for k, by_seed in per_seed.items()},
+            "paired": self.paired_difference(),
             "wall_time_s": {k: round(float(v), 1) for k, v in self.wall.items()},
         }
         if comm.is_main_process():
@@ -358,37 +507,160 @@ class PipelineRunner:
             logger.info("MDKD results (%s):\n%s", self.eval_dataset, md)
         return results
 
+    def _froc_cpm(self, row: dict) -> dict:
+        """``{"CPM": value}`` of a detection row's model (the FROC CPM, a fraction; per scan with
+        ``TEST.FROC_PER_SCAN``) from the ``metrics.json`` beside its predictions, else ``{}``."""
+        f = os.path.join(os.path.dirname(self.predictions_file(row)), "metrics.json")
+        if self.task.result_key != "bbox" or not os.path.isfile(f):
+            return {}
+        with open(f) as fh:
+            cpm = (json.load(fh).get("froc") or {}).get("CPM")
+        return {"CPM": _num(cpm, 4)}
+
+    def predictions_file(self, row: dict) -> str:
+        """``coco_instances_results.json`` of a row's model on the report dataset:
+        ``<dir of its checkpoint>/inference/<eval dataset>/`` (written by its evaluation)."""
+        return os.path.join(os.path.dirname(row.get("checkpoint") or ""), "inference",
+                            dataset_output_name(self.eval_dataset), "coco_instances_results.json")
+
+    def paired_difference(self) -> dict:
+        """``{"student_minus_dataset_specific": {metric: {"per_seed", "mean", "ci95",
+        "significant", "method", "seeds", "num_images", ...}}}``: the student-minus-baseline
+        difference paired by seed, with a paired-bootstrap 95% interval over the test images
+        (:func:`~mdkd_det.evaluation.paired_bootstrap.paired_bootstrap`,
+        ``PIPELINE.BOOTSTRAP_RESAMPLES`` / ``BOOTSTRAP_SEED``). Empty when the task has no
+        COCO metrics, ``BOOTSTRAP_RESAMPLES`` is 0, or no seed has both models' predictions."""
+        from ..evaluation import to_json_safe
+        from ..evaluation.paired_bootstrap import METRICS, paired_bootstrap
+
+        metrics = list(self.task.row_metrics)
+        n_boot = int(self.cfg.PIPELINE.BOOTSTRAP_RESAMPLES)
+        if n_boot <= 0 or self.task.result_key != "bbox" or any(m not in METRICS for m in metrics):
+            return {}
+        pairs, seeds = [], []
+        for seed in self.seeds:
+            rows = self.rows if seed == self.seeds[0] else self.seed_rows.get(seed, {})
+            if "dataset_specific" not in rows or "student" not in rows:
+                continue
+            files = [self.predictions_file(rows[k]) for k in ("dataset_specific", "student")]
+            missing = [f for f in files if not os.path.isfile(f)]
+            if missing:
+                logger.warning("[pipeline] seed %d: no predictions %s; left out of the paired difference",
+                               seed, missing)
+                continue
+            loaded = []
+            for f in files:
+                with open(f) as fh:
+                    loaded.append(json.load(fh))
+            pairs.append(tuple(loaded))
+            seeds.append(seed)
+        if not pairs:
+            return {}
+        gt = self._eval_ground_truth()
+        t0 = time.perf_counter()
+        out = paired_bootstrap(gt, pairs, metrics, num_resamples=n_boot,
+                               seed=int(self.cfg.PIPELINE.BOOTSTRAP_SEED))
+        logger.info("[pipeline] paired bootstrap (%d seeds, %d images, %d resamples): %.1f s",
+                    len(pairs), len(gt["images"]), n_boot, time.perf_counter() - t0)
+        for v in out.values():
+            v.update(seeds=seeds, num_images=len(gt["images"]))
+        return {"student_minus_dataset_specific": to_json_safe(out)}
+
+    def _eval_ground_truth(self) -> dict:
+        """COCO ground truth of the report dataset, with the image/category ids the saved
+        predictions use (the evaluator's own)."""
+        from ..data.build import get_dataset_records
+        from ..data.catalog import MetadataCatalog
+        from ..evaluation import COCOEvaluator
+
+        c = self.stage_cfg("dataset_specific")
+        records = get_dataset_records(c, [self.eval_dataset], c.DATASETS.TEST_LIMIT)
+        return COCOEvaluator(self.eval_dataset, records, MetadataCatalog.get(self.eval_dataset)).gt_dict
+
     def results_markdown(self, results: dict) -> str:
-        """The paper-table-style markdown of ``results``: one column per task metric, and the
-        paper's numbers beside ours when the task knows them (:meth:`Task.paper_reference`)."""
+        """The paper-table-style markdown of ``results``: one column per task metric (mean ± SD
+        over seeds), the number of seeds, the paper's numbers beside ours when the task knows them
+        (:meth:`Task.paper_reference`), the FROC CPM when the rows have one, and the paired
+        student-minus-baseline difference with its interval; an interval that contains 0 reads
+        "no significant difference"."""
         metrics = list(self.task.row_metrics)
         caption, paper = self.task.paper_reference(self.cfg, self.target[0])
         titles = [self.task.metric_titles.get(m, m) for m in metrics]
-        head = "| Model | " + " | ".join(titles) + " |"
-        sep = "|---|" + "---|" * len(metrics)
+        if any("CPM" in v for v in results["summary"].values()):  # detection: FROC CPM (fraction)
+            metrics.append("CPM")
+            titles.append("CPM per " + ("scan" if self.cfg.TEST.FROC_PER_SCAN else "image"))
+        head = "| Model | " + " | ".join(titles) + " | seeds |"
+        sep = "|---|" + "---|" * len(metrics) + "---|"
         if paper:
             head += f" {caption} |"
             sep += "---|"
         lines = [f"Target {results['target']}, evaluated on {results['eval_dataset']} "
-                 f"({self.task.name}, {self.cfg.MODEL.META_ARCHITECTURE})", "", head, sep]
+                 f"({self.task.name}, {self.cfg.MODEL.META_ARCHITECTURE}); mean ± SD over seeds "
+                 f"{', '.join(str(s) for s in results['seeds'])}", "", head, sep]
         for key in ("multi_head", "dataset_specific", "joint_teacher", "student"):
             row = results["rows"].get(key) or {}
-            vals = ["n/a" if row.get(m) is None else f"{row[m]:.2f}" for m in metrics]
+            summ = results["summary"].get(key) or {}
+            vals = [_fmt_mean_sd(summ.get(m), 4 if m == "CPM" else 2) for m in metrics]
+            n = max((summ[m]["n"] for m in metrics if m in summ), default=0)
             title = ROW_TITLES[key] + (" (= target teacher, A24)" if row.get("reused_from") else "")
-            line = f"| {title} | " + " | ".join(vals) + " |"
+            line = f"| {title} | " + " | ".join(vals) + f" | {n} |"
             if paper:
                 line += " " + (" / ".join(f"{v:.2f}" for v in paper[key]) if key in paper else "n/a") + " |"
             lines.append(line)
+        if len(results["seeds"]) > 1:
+            lines += ["", f"The teacher chain (multi-head, target/source teachers, joint teacher) is trained "
+                          f"once with seed {results['seeds'][0]} and shared; every student distils from "
+                          "that joint teacher."]
         if self.val_dataset:
             lines += ["", f"Each row: the checkpoint with the best {self.task.best_metric} on "
                           f"{self.val_dataset} (PIPELINE.VAL_DATASET), evaluated on {results['eval_dataset']}."]
+        paired = results["paired"].get("student_minus_dataset_specific")
+        if paired:
+            first = next(iter(paired.values()))
+            lines += ["", f"Student − dataset-specific, paired by seed (seeds "
+                          f"{', '.join(str(s) for s in first['seeds'])}); 95% interval: {first['method']} "
+                          f"({first['num_images']} images, the same resample for both models and every seed):",
+                      "", "| Metric | per seed | mean | 95% interval | verdict |", "|---|---|---|---|---|"]
+            for m, d in paired.items():
+                ci = d["ci95"]
+                lines.append(f"| {self.task.metric_titles.get(m, m)} | "
+                             + ", ".join(_signed(v) for v in d["per_seed"])
+                             + f" | {_signed(d['mean'])} | "
+                             + ("n/a" if ci is None else f"[{ci[0]:+.2f}, {ci[1]:+.2f}]")
+                             + f" | {_verdict(d)} |")
         lines += ["", "| Stage | wall time (s) |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in results["wall_time_s"].items()]
         return "\n".join(lines) + "\n"
 
 
-def _num(x) -> Optional[float]:
-    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), 3)
+def _mean_sd(values) -> dict:
+    """``{"mean", "sd", "n"}`` of the non-missing ``values`` (sample SD, ddof 1; None if n < 2)."""
+    v = [float(x) for x in values if x is not None]
+    n = len(v)
+    mean = sum(v) / n if n else None
+    sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1)) if n > 1 else None
+    return {"mean": _num(mean, 4), "sd": _num(sd, 4), "n": n}
+
+
+def _signed(x) -> str:
+    return "n/a" if x is None else f"{x:+.2f}"
+
+
+def _fmt_mean_sd(s: Optional[dict], digits: int = 2) -> str:
+    if not s or s["mean"] is None:
+        return "n/a"
+    return f"{s['mean']:.{digits}f}" + (f" ± {s['sd']:.{digits}f}" if s["sd"] is not None else "")
+
+
+def _verdict(d: dict) -> str:
+    """"significant gain" / "significant loss" only when the interval excludes 0."""
+    if not d.get("significant") or d.get("ci95") is None:
+        return "no significant difference"
+    return "significant gain" if d["ci95"][0] > 0 else "significant loss"
+
+
+def _num(x, digits: int = 3) -> Optional[float]:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else round(float(x), digits)
 
 
 def run_pipeline(cfg: CfgNode, stages: Optional[Sequence[str]] = None, rerun: Sequence[str] = ()) -> dict:

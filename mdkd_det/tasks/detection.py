@@ -103,6 +103,7 @@ class DetectionTask(Task):
         evaluator = COCOEvaluator(
             dataset_name, records, MetadataCatalog.get(dataset_name), output_dir=output_dir,
             froc_fps=tuple(cfg.TEST.FROC_FPS), froc_hit=cfg.TEST.FROC_HIT, froc_iou=cfg.TEST.FROC_IOU,
+            froc_per_scan=bool(cfg.TEST.FROC_PER_SCAN),
         )
         set_test_size(inner, cfg, train=False)
         try:

@@ -157,6 +157,35 @@ def test_cls_adapter_feeds_shared_distiller_and_mixin(tmp_path, patch_dir):
     assert not any(p.grad is not None for p in teacher.parameters())
 
 
+def test_source_teacher_uses_plain_ce_target_stages_keep_their_weights(tmp_path, patch_dir):
+    """Stage-1 source teachers train with plain CE (Eq. 7): the target's Eq. 14 weights are not
+    applied to source batches. Target-only stages keep the target's own weights."""
+    import torch.nn.functional as F
+
+    from mdkd_det.engine.defaults import build_model
+    from mdkd_det.pipeline.runner import PipelineRunner
+
+    cfg = cls_cfg(tmp_path, patch_dir, **{"MODEL.CLASSIFIER.INPUT_SIZE": 32})
+    runner = PipelineRunner(cfg)
+    src = cfg.PIPELINE.SOURCES[0]
+    scfg = runner.stage_cfg("source_teacher", src)
+    assert scfg.MODEL.CLASSIFIER.CLASS_WEIGHTS == "none" and cfg.MODEL.CLASSIFIER.CLASS_WEIGHTS == "frequency"
+    for stage in ("target_teacher", "joint_teacher", "student", "dataset_specific"):
+        assert runner.stage_cfg(stage).MODEL.CLASSIFIER.CLASS_WEIGHTS == "frequency", stage
+    tt = build_model(runner.stage_cfg("target_teacher"))
+    assert tt.class_weights is not None  # Eq. 14 weights of the target's own labels
+    torch.manual_seed(0)
+    teacher = build_model(scfg)
+    assert teacher.class_weights is None
+    teacher.eval()  # no dropout / BN batch statistics: the loss is a function of the logits
+    imgs = [torch.rand(3, 32, 32) for _ in range(3)]
+    labels = torch.tensor([1, 1, 0])
+    logits = torch.stack([o["logits"] for o in teacher(imgs)])
+    teacher.training = True  # loss branch with the same (eval) layers
+    loss = teacher(imgs, [{"labels": y.reshape(1)} for y in labels])["loss_cls"]
+    assert loss.item() == pytest.approx(F.cross_entropy(logits, labels).item(), rel=1e-5)
+
+
 def test_medvit_backbone_classifier_train_eval(patch_dir):
     from mdkd_det.engine.defaults import build_model
 

@@ -143,12 +143,13 @@ def build_domain_adversarial_head(cfg: CfgNode, model: nn.Module) -> nn.Module:
     return head.to(torch.device(cfg.MODEL.DEVICE))
 
 
-def _last_bce(head: nn.Module) -> Optional[float]:
-    """Unweighted BCE of the head's last call (mean over levels for a multi-level head)."""
+def _last_stat(head: nn.Module, name: str) -> Optional[float]:
+    """``head.<name>`` of the head's last call (``last_bce``: unweighted BCE; ``last_acc``:
+    discriminator accuracy), the mean over levels for a multi-level head; None before a call."""
     head = unwrap_model(head)
-    if getattr(head, "last_bce", None) is not None:
-        return float(head.last_bce)
-    subs = [h.last_bce for h in getattr(head, "heads", []) if getattr(h, "last_bce", None) is not None]
+    if getattr(head, name, None) is not None:
+        return float(getattr(head, name))
+    subs = [getattr(h, name) for h in getattr(head, "heads", []) if getattr(h, name, None) is not None]
     return float(torch.stack(subs).mean()) if subs else None
 
 
@@ -165,7 +166,10 @@ class DomainAdversarialMixin:
          loss_domain}                                                        # L_d term, 0-dim
 
     and records ``da_lambda`` (lambda, unsmoothed), ``da_bce_source`` / ``da_bce_target``
-    (unweighted BCE) in the event storage (also in ``self.last_domain_stats``).
+    (unweighted BCE) and ``da_acc_source`` / ``da_acc_target`` (the discriminator's accuracy on
+    each domain's images of the step, in [0, 1]; 0.5 on both = confusion, the equilibrium; a
+    value near 0 = the encoder fools it, near 1 = it separates the domains) in the event
+    storage, hence in ``metrics.json`` and TensorBoard (also in ``self.last_domain_stats``).
 
     Args (keyword-only, the rest goes to the trainer):
         da_head: the discriminator head (:func:`build_domain_adversarial_head`; may be DDP
@@ -178,6 +182,9 @@ class DomainAdversarialMixin:
         lam_schedule: ``progress -> lambda``; default ``AdversarialLambda(gamma=10)`` (C4).
         total_iters: iterations of the planned run for ``rho = iter / total_iters``; default
             the trainer's ``max_iter`` of the current ``train`` call (SOLVER.MAX_ITER).
+
+    Every step also records ``da_grad_norm_disc`` and ``da_grad_norm_detector``, the L2 norms
+    of the discriminator's and the detector's gradients before clipping.
 
     Raises:
         ConfigError: bad ``levels`` or ``r``.
@@ -250,6 +257,24 @@ class DomainAdversarialMixin:
         images, targets = self.detector_inputs(batch)
         return images, targets
 
+    def _split_params(self):
+        """(detector parameters, discriminator parameters) of the optimizer."""
+        head_ids = {id(p) for p in self.da_head.parameters()}
+        det, disc = [], []
+        for p in self._params():
+            (disc if id(p) in head_ids else det).append(p)
+        return det, disc
+
+    def after_backward(self) -> None:
+        """Record ``da_grad_norm_disc`` / ``da_grad_norm_detector`` (L2 norms of the
+        discriminator's / detector's gradients before clipping), then run the hooks."""
+        if self.storage is not None:
+            for k, params in zip(("da_grad_norm_detector", "da_grad_norm_disc"), self._split_params()):
+                g = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+                if g:
+                    self.storage.put_scalar(k, float(torch.stack(g).norm()))
+        super().after_backward()
+
     # ---- the step --------------------------------------------------------------------------
     def compute_losses(self, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
         """Loss dict of one paired step (Eq. 2); see the class docstring.
@@ -283,22 +308,23 @@ class DomainAdversarialMixin:
             image_list, _ = inner.transform(tgt_images)
             tgt_feats = inner.backbone(image_list.tensors)
 
+        stats: Dict[str, Optional[float]] = {"da_lambda": lam}
         d_src = self.da_head(self._select(src_feats), 1, lam)
-        bce_src = _last_bce(self.da_head)
+        stats.update(da_bce_source=_last_stat(self.da_head, "last_bce"),
+                     da_acc_source=_last_stat(self.da_head, "last_acc"))
         d_tgt = self.da_head(self._select(tgt_feats), 0, lam)
-        bce_tgt = _last_bce(self.da_head)
+        stats.update(da_bce_target=_last_stat(self.da_head, "last_bce"),
+                     da_acc_target=_last_stat(self.da_head, "last_acc"))
         losses["loss_domain"] = d_src + d_tgt
 
-        self.last_domain_stats = {"da_lambda": lam}
-        if bce_src is not None and bce_tgt is not None:
-            self.last_domain_stats.update(da_bce_source=bce_src, da_bce_target=bce_tgt)
+        self.last_domain_stats = {k: v for k, v in stats.items() if v is not None}
         try:
             storage = get_event_storage()
         except RuntimeError:  # called outside train()
             storage = None
         if storage is not None:
             storage.put_scalar("da_lambda", lam, smoothing_hint=False)
-            for k in ("da_bce_source", "da_bce_target"):
+            for k in ("da_bce_source", "da_bce_target", "da_acc_source", "da_acc_target"):
                 if k in self.last_domain_stats:
                     storage.put_scalar(k, self.last_domain_stats[k])
         return losses

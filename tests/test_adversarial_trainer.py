@@ -233,3 +233,31 @@ def test_logged_in_storage_and_metrics(trained):
     for i in range(2):
         d, h = hist["da_grad_norm_detector"].values()[i][0], hist["da_grad_norm_disc"].values()[i][0]
         assert gn[i] == pytest.approx(math.hypot(d, h), rel=1e-4)
+
+
+def test_stabilisers_lambda_max_disc_lr_and_separate_clip(data_root, tmp_path):
+    cfg = _cfg(data_root, tmp_path)
+    cfg.ADVERSARIAL.LAMBDA_MAX, cfg.ADVERSARIAL.DISC_LR_MULT = 0.1, 10.0
+    cfg.ADVERSARIAL.GRAD_CLIP = "separate"
+    cfg.SOLVER.CLIP_GRADIENTS.MAX_NORM = 1e-3  # both groups are clipped in this step
+    top, trainer, batch = _configured_da_trainer(cfg)
+    lrs = [g["initial_lr"] for g in top.optimizer.param_groups]
+    assert lrs == pytest.approx([1e-3, 1e-2])  # SOLVER.BASE_LR, x DISC_LR_MULT
+    assert trainer.adversarial_lambda(1) == pytest.approx(0.1 * AdversarialLambda(10.0)(0.5))
+    trainer.iter, trainer.max_iter = 1, 2
+    losses = trainer.compute_losses(batch)
+    sum(losses.values()).backward()
+    det, disc = trainer._split_params()
+    norm = lambda ps: float(torch.stack([p.grad.norm() for p in ps if p.grad is not None]).norm())
+    n_det, n_disc = norm(det), norm(disc)
+    grad_norm = trainer.clip_gradients()
+    assert float(grad_norm) == pytest.approx(n_det, rel=1e-5)  # the detector's own norm
+    # each group clipped to MAX_NORM on its own (global clipping would give a joint norm of 1e-3)
+    assert norm(det) == pytest.approx(1e-3, rel=1e-3) and norm(disc) == pytest.approx(1e-3, rel=1e-3)
+    assert n_disc > 1e-3
+    cfg.ADVERSARIAL.GRAD_CLIP = "joint"
+    with pytest.raises(ConfigError, match="ADVERSARIAL.GRAD_CLIP"):
+        DomainAdversarialTrainer(cfg)
+    cfg.ADVERSARIAL.GRAD_CLIP, cfg.ADVERSARIAL.DISC_LR_MULT = "global", 0.0
+    with pytest.raises(ConfigError, match="ADVERSARIAL.DISC_LR_MULT"):
+        DomainAdversarialTrainer(cfg)

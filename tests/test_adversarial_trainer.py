@@ -200,6 +200,45 @@ def _configured_da_trainer(cfg):
     return top, trainer, next(iter(loader))
 
 
+def test_grl_reverses_the_domain_gradient_at_the_backbone(data_root, tmp_path):
+    """One adversarial step of the configured trainer: the gradient the backbone's deepest map
+    receives from loss_domain alone is exactly minus the gradient of the discriminator-side loss
+    lambda * BCE(D(f), d) with respect to that map (Eqs. 5-6): the encoder ascends the
+    domain loss while the discriminator descends it."""
+    import torch.nn.functional as F
+
+    top, trainer, batch = _configured_da_trainer(_cfg(data_root, tmp_path))
+    feats, grads = [], {}
+
+    def capture(_module, _inputs, out):
+        f, i = out["3"], len(feats)  # the deepest non-pool FPN map, the head's input (A11)
+        feats.append(f)
+        f.register_hook(lambda g: grads.__setitem__(i, g))
+
+    handle = trainer.model.backbone.register_forward_hook(capture)
+    trainer.iter, trainer.max_iter = 1, 2
+    try:
+        losses = trainer.compute_losses(batch)
+    finally:
+        handle.remove()
+    lam = trainer.last_domain_stats["da_lambda"]
+    assert lam == pytest.approx(AdversarialLambda(10.0)(0.5)) and len(feats) == 2  # source, target (r=1)
+    losses["loss_domain"].backward()
+    head = top.da_head
+    for i, label in enumerate((1.0, 0.0)):  # source = 1, target = 0
+        x = feats[i].detach().clone().requires_grad_(True)
+        logits = head.discriminator(x).reshape(-1)
+        bce = F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label))
+        (g_disc,) = torch.autograd.grad(lam * bce, x)
+        g_enc = grads[i]
+        assert g_disc.abs().sum() > 0
+        assert torch.allclose(g_enc, -g_disc, rtol=1e-4, atol=1e-12)
+        assert float((g_enc * g_disc).sum()) < 0  # opposite directions
+    # the reversed gradient reaches the backbone's parameters; the detection heads get none
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.backbone.parameters())
+    assert all(p.grad is None for p in trainer.model.roi_heads.parameters())
+
+
 def test_discriminator_accuracy_per_domain_logged(data_root, tmp_path):
     """da_acc_source / da_acc_target = fraction of that domain's images on the right side of
     logit 0 (source > 0, target <= 0), recomputed from the discriminator's logits."""

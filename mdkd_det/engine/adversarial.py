@@ -197,7 +197,8 @@ class DomainAdversarialMixin:
             the detector's norm (``ADVERSARIAL.GRAD_CLIP``).
 
     Every step also records ``da_grad_norm_disc`` and ``da_grad_norm_detector``, the L2 norms
-    of the discriminator's and the detector's gradients before clipping.
+    of the discriminator's and the detector's gradients before clipping (under CUDA AMP they
+    are taken before unscaling, i.e. times the grad scaler's scale).
 
     Raises:
         ConfigError: bad ``levels``, ``r`` or ``clip``.

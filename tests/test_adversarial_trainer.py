@@ -189,3 +189,114 @@ def test_mixin_rejects_unpaired_batch(data_root, tmp_path):
 
     with pytest.raises(DatasetError, match="paired batch"):
         trainer.compute_losses(batch["source"])
+
+
+def _configured_da_trainer(cfg):
+    """The Stage-1 DATrainer exactly as DomainAdversarialTrainer builds it from ``cfg``."""
+    torch.manual_seed(0)
+    top = DomainAdversarialTrainer(cfg)
+    loader = top.build_train_loader(0)
+    trainer = top.build_trainer(top.model, loader)
+    return top, trainer, next(iter(loader))
+
+
+def test_grl_reverses_the_domain_gradient_at_the_backbone(data_root, tmp_path):
+    """One adversarial step of the configured trainer: the gradient the backbone's deepest map
+    receives from loss_domain alone is exactly minus the gradient of the discriminator-side loss
+    lambda * BCE(D(f), d) with respect to that map (Eqs. 5-6): the encoder ascends the
+    domain loss while the discriminator descends it."""
+    import torch.nn.functional as F
+
+    top, trainer, batch = _configured_da_trainer(_cfg(data_root, tmp_path))
+    feats, grads = [], {}
+
+    def capture(_module, _inputs, out):
+        f, i = out["3"], len(feats)  # the deepest non-pool FPN map, the head's input (A11)
+        feats.append(f)
+        f.register_hook(lambda g: grads.__setitem__(i, g))
+
+    handle = trainer.model.backbone.register_forward_hook(capture)
+    trainer.iter, trainer.max_iter = 1, 2
+    try:
+        losses = trainer.compute_losses(batch)
+    finally:
+        handle.remove()
+    lam = trainer.last_domain_stats["da_lambda"]
+    assert lam == pytest.approx(AdversarialLambda(10.0)(0.5)) and len(feats) == 2  # source, target (r=1)
+    losses["loss_domain"].backward()
+    head = top.da_head
+    for i, label in enumerate((1.0, 0.0)):  # source = 1, target = 0
+        x = feats[i].detach().clone().requires_grad_(True)
+        logits = head.discriminator(x).reshape(-1)
+        bce = F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, label))
+        (g_disc,) = torch.autograd.grad(lam * bce, x)
+        g_enc = grads[i]
+        assert g_disc.abs().sum() > 0
+        assert torch.allclose(g_enc, -g_disc, rtol=1e-4, atol=1e-12)
+        assert float((g_enc * g_disc).sum()) < 0  # opposite directions
+    # the reversed gradient reaches the backbone's parameters; the detection heads get none
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in trainer.model.backbone.parameters())
+    assert all(p.grad is None for p in trainer.model.roi_heads.parameters())
+
+
+def test_discriminator_accuracy_per_domain_logged(data_root, tmp_path):
+    """da_acc_source / da_acc_target = fraction of that domain's images on the right side of
+    logit 0 (source > 0, target <= 0), recomputed from the discriminator's logits."""
+    top, trainer, batch = _configured_da_trainer(_cfg(data_root, tmp_path))
+    logits = {}
+
+    def capture(_module, inputs, out):
+        logits[len(logits)] = out.detach().reshape(-1)
+
+    handle = top.da_head.discriminator.register_forward_hook(capture)
+    trainer.iter, trainer.max_iter = 1, 2
+    try:
+        trainer.compute_losses(batch)
+    finally:
+        handle.remove()
+    stats = trainer.last_domain_stats
+    assert len(logits) == 2 and logits[0].numel() == logits[1].numel() == 2
+    assert stats["da_acc_source"] == float((logits[0] > 0).float().mean())
+    assert stats["da_acc_target"] == float((logits[1] <= 0).float().mean())
+    assert stats["da_acc_source"] in (0.0, 0.5, 1.0) and stats["da_acc_target"] in (0.0, 0.5, 1.0)
+
+
+def test_logged_in_storage_and_metrics(trained):
+    _, trainer, _ = trained
+    hist = trainer._trainer.storage.histories()
+    for k in ("da_acc_source", "da_acc_target", "da_grad_norm_disc", "da_grad_norm_detector"):
+        vals = [v for v, _ in hist[k].values()]
+        assert len(vals) == 2 and all(math.isfinite(v) for v in vals), k
+    # global clipping (paper default): grad_norm is the norm over detector + discriminator
+    gn = [v for v, _ in hist["grad_norm"].values()]
+    for i in range(2):
+        d, h = hist["da_grad_norm_detector"].values()[i][0], hist["da_grad_norm_disc"].values()[i][0]
+        assert gn[i] == pytest.approx(math.hypot(d, h), rel=1e-4)
+
+
+def test_stabilisers_lambda_max_disc_lr_and_separate_clip(data_root, tmp_path):
+    cfg = _cfg(data_root, tmp_path)
+    cfg.ADVERSARIAL.LAMBDA_MAX, cfg.ADVERSARIAL.DISC_LR_MULT = 0.1, 10.0
+    cfg.ADVERSARIAL.GRAD_CLIP = "separate"
+    cfg.SOLVER.CLIP_GRADIENTS.MAX_NORM = 1e-3  # both groups are clipped in this step
+    top, trainer, batch = _configured_da_trainer(cfg)
+    lrs = [g["initial_lr"] for g in top.optimizer.param_groups]
+    assert lrs == pytest.approx([1e-3, 1e-2])  # SOLVER.BASE_LR, x DISC_LR_MULT
+    assert trainer.adversarial_lambda(1) == pytest.approx(0.1 * AdversarialLambda(10.0)(0.5))
+    trainer.iter, trainer.max_iter = 1, 2
+    losses = trainer.compute_losses(batch)
+    sum(losses.values()).backward()
+    det, disc = trainer._split_params()
+    norm = lambda ps: float(torch.stack([p.grad.norm() for p in ps if p.grad is not None]).norm())
+    n_det, n_disc = norm(det), norm(disc)
+    grad_norm = trainer.clip_gradients()
+    assert float(grad_norm) == pytest.approx(n_det, rel=1e-5)  # the detector's own norm
+    # each group clipped to MAX_NORM on its own (global clipping would give a joint norm of 1e-3)
+    assert norm(det) == pytest.approx(1e-3, rel=1e-3) and norm(disc) == pytest.approx(1e-3, rel=1e-3)
+    assert n_disc > 1e-3
+    cfg.ADVERSARIAL.GRAD_CLIP = "joint"
+    with pytest.raises(ConfigError, match="ADVERSARIAL.GRAD_CLIP"):
+        DomainAdversarialTrainer(cfg)
+    cfg.ADVERSARIAL.GRAD_CLIP, cfg.ADVERSARIAL.DISC_LR_MULT = "global", 0.0
+    with pytest.raises(ConfigError, match="ADVERSARIAL.DISC_LR_MULT"):
+        DomainAdversarialTrainer(cfg)

@@ -117,6 +117,13 @@ def test_mixin_step_logs_terms_cleans_hooks_and_skips_teacher_in_warmup(tmp_path
     assert not teacher.training
 
 
+def _kd_trainer(student, distiller, epoch_iters=1, task_weight=1.0):
+    opt = torch.optim.AdamW(list(student.parameters()) + list(distiller.parameters()), lr=1e-4)
+    t = KDSimpleTrainer(student, iter([]), opt, grad_clip=5.0)
+    t.distiller, t.epoch_iters, t.task_weight = distiller, epoch_iters, task_weight
+    return t
+
+
 def test_constant_cf_and_task_weight(tmp_path):
     cfg, student, teacher = _pair(tmp_path, teacher_channels=32)
     d = build_distiller(cfg, student, teacher)
@@ -124,6 +131,55 @@ def test_constant_cf_and_task_weight(tmp_path):
     assert d.active(0.0)
     d.cf = CosineCurriculum(warmup=5, ramp=10)
     assert not d.active(4.0) and d.active(5.5)
+    # alpha (Eq. 24) multiplies each task loss; cf multiplies each KD term. The RPN/RoI
+    # samplers draw from the global RNG, so each forward is seeded alike.
+    b = _batch()
+    student.train()
+    torch.manual_seed(7)
+    plain = {k: v.item() for k, v in student([x["image"] for x in b], [x["target"] for x in b]).items()}
+    out = {}
+    for alpha, cf in ((0.25, 0.5), (1.0, 1.0)):
+        d.cf = ConstantCurriculum(cf)
+        t = _kd_trainer(student, d, task_weight=alpha)
+        torch.manual_seed(7)
+        out[alpha] = {k: v.item() for k, v in t.compute_losses(b).items()}
+    assert set(plain) < set(out[0.25]) and ALL_TERMS <= set(out[0.25])
+    for k, v in plain.items():
+        assert out[0.25][k] == pytest.approx(0.25 * v, rel=1e-5), k
+        assert out[1.0][k] == pytest.approx(v, rel=1e-5), k
+    for k in ALL_TERMS:  # same student/teacher inputs, cf 0.5 vs 1
+        assert out[0.25][k] == pytest.approx(0.5 * out[1.0][k], rel=1e-5, abs=1e-12), k
+    assert out[1.0]["loss_ClsKD"] > 0  # the ratio above is not 0 == 0.5 * 0
+
+
+def test_beta_ramp_and_temperature_used_inside_forward(tmp_path, monkeypatch):
+    """The beta (C21) and temperature (C20) schedules are what Distiller.forward passes to the
+    losses at a given iteration (epoch = iter / KD.EPOCH_ITERS, A7)."""
+    cfg, student, teacher = _pair(tmp_path, teacher_channels=32)
+    cfg.KD.CF.SCHEDULE, cfg.KD.CF.MAX = "constant", 1.0
+    cfg.KD.BETA_SCHEDULE, cfg.KD.TEMPERATURE_SCHEDULE = "beta", "temperature"
+    d = build_distiller(cfg, student, teacher)
+    seen = {"con": [], "cls": []}
+
+    def fake(name):
+        def loss(*args, T, **kw):
+            seen[name].append(T)
+            return torch.tensor(1.0)
+        return loss
+
+    monkeypatch.setattr(L, "con", fake("con"))
+    monkeypatch.setattr(L, "cls_kd", fake("cls"))
+    t = _kd_trainer(student, d, epoch_iters=4)
+    # hand-computed: beta(e) = 0.1 + 0.4 * clip((e - 5) / 10, 0, 1); T(e) = max(0.5, 2 * 0.9 ** (e / 5))
+    for it, beta, temp in ((0, 0.1, 2.0), (30, 0.2, 2 * 0.9 ** 1.5), (40, 0.3, 1.62), (80, 0.5, 1.3122),
+                           (400, 0.5, 0.5)):
+        t.iter = it
+        losses = t.compute_losses(_batch())
+        assert seen["con"][-1] == pytest.approx(temp, abs=1e-4), it
+        assert seen["cls"][-1] == pytest.approx(temp, abs=1e-4), it
+        assert losses["loss_Con"].item() == pytest.approx(beta, abs=1e-6), it  # cf * beta * 1
+        assert losses["loss_ClsKD"].item() == pytest.approx(cfg.KD.W_CLSKD, abs=1e-6), it
+    assert len(seen["con"]) == len(seen["cls"]) == 5
 
 
 def test_teacher_checkpoint_mismatch_names_file_and_keys(tmp_path):

@@ -200,6 +200,49 @@ def test_kd_step_all_terms_with_paired_queries():
     sum(losses.values()).backward()
 
 
+def test_kd_identical_teacher_gives_zero_clskd_roikd_and_identity_pairing():
+    """A teacher that is a copy of the student: every student query pairs with the same teacher
+    query (A10) and ClsKD / ROIKD are exactly 0; a perturbed teacher gives non-zero terms."""
+    import copy
+
+    from mdkd_det.distill.distiller import freeze_teacher
+    from mdkd_det.distill.taps import TapRecorder
+    from mdkd_det.distill.trainer import build_distiller
+
+    cfg = _cfg(**{"KD.CF.SCHEDULE": "constant"})
+    torch.manual_seed(0)
+    student = build_model(cfg)
+    student.eval()  # BN statistics and dropout as in the (eval-mode) teacher forward
+    imgs, _ = _batch()
+    terms = {}
+    for name in ("copy", "perturbed"):
+        teacher = copy.deepcopy(student)
+        if name == "perturbed":
+            with torch.no_grad():
+                for p in teacher.detr.class_embed.parameters():
+                    p.add_(0.5)
+        teacher = freeze_teacher(teacher)
+        distiller = build_distiller(cfg, student, teacher)
+        adapter = distiller.adapter
+        with TapRecorder(student, adapter.student_taps()) as rec:
+            student(imgs)
+        s_in, t_in = adapter.student_inputs(rec), adapter.teacher_inputs(teacher, rec)
+        out = distiller(s_in, t_in, epoch=0.0)
+        terms[name] = {k: out[k].item() for k in ("loss_ClsKD", "loss_ROIKD")}
+        if name == "copy":
+            q = student.num_queries
+            s_logits, s_boxes, _ = adapter._group0(student, rec["outputs"], rec["hs"])
+            b, si, ti = pair_queries(s_logits, s_boxes, s_logits.clone(), s_boxes.clone(), top_k=adapter.query_topk)
+            order = torch.argsort(b * q + si)
+            assert b[order].tolist() == [i // q for i in range(2 * q)]
+            assert ti[order].tolist() == si[order].tolist() == list(range(q)) * 2  # identity pairing
+            assert torch.equal(t_in.region_logits, s_in.region_logits)
+            assert torch.equal(t_in.region_embeddings, s_in.region_embeddings)
+            assert isinstance(distiller.roi_connector, torch.nn.Identity)  # equal widths: no connector
+    assert terms["copy"] == {"loss_ClsKD": 0.0, "loss_ROIKD": 0.0}
+    assert terms["perturbed"]["loss_ClsKD"] > 1e-4  # the zero above is not a constant
+
+
 # ---- pipeline + export ---------------------------------------------------------------------
 @pytest.mark.timeout(600)
 def test_rfdetr_pipeline_four_rows_and_export(tmp_path, data_root):

@@ -22,6 +22,15 @@ TOL = 1e-4
 )
 def test_adversarial_lambda_reference(rho, value):
     assert AdversarialLambda()(rho) == pytest.approx(value, abs=TOL)
+    # ADVERSARIAL.LAMBDA_MAX scales the whole schedule (bounded lambda)
+    assert AdversarialLambda(max_value=0.1)(rho) == pytest.approx(0.1 * value, abs=TOL / 10)
+
+
+def test_adversarial_lambda_bad_max_value():
+    from mdkd_det.utils.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="max_value"):
+        AdversarialLambda(max_value=-0.5)
 
 
 @pytest.mark.parametrize(

@@ -290,6 +290,18 @@ _C.ADVERSARIAL.GRAD_SCALING = "paper"
 _C.ADVERSARIAL.LEVELS = "last"
 # lambda(rho) = 2 / (1 + exp(-GAMMA * rho)) - 1, rho = iteration / SOLVER.MAX_ITER (C4).
 _C.ADVERSARIAL.GAMMA = 10.0
+# Upper bound of lambda: lambda(rho) = LAMBDA_MAX * (2 / (1 + exp(-GAMMA * rho)) - 1); unitless.
+# 1.0 = the paper (C4). The LungCT Faster R-CNN MDKD configs use 0.1 (docs/fidelity.md, F1).
+_C.ADVERSARIAL.LAMBDA_MAX = 1.0
+# Discriminator learning rate = SOLVER.BASE_LR * DISC_LR_MULT (same LR schedule); 1.0 = the
+# paper (one eta in Eqs. 5-6). > 1 = two time-scale update rule (Heusel et al. 2017); x10
+# collapsed the discriminator on LungCT (docs/fidelity.md, F1).
+_C.ADVERSARIAL.DISC_LR_MULT = 1.0
+# Gradient clipping of Stage 1 (SOLVER.CLIP_GRADIENTS.MAX_NORM, L2): "global" = one norm over
+# detector + discriminator (paper §6.3); "separate" = the detector's and the discriminator's
+# gradients are clipped apart, each to MAX_NORM, so a large discriminator gradient cannot
+# scale down the detector's update.
+_C.ADVERSARIAL.GRAD_CLIP = "global"
 # Flag r of Eq. 2: 1 = the target detection loss also supervises the source teacher.
 _C.ADVERSARIAL.R = 1
 # Per-domain batch sizes b1 (source) and b2 (target) (A12).

@@ -182,24 +182,29 @@ class BetaRamp:
 
 @dataclass(frozen=True)
 class AdversarialLambda:
-    """Domain-adversarial weight lambda(rho) = 2 / (1 + exp(-gamma * rho)) - 1, paper C4 (DANN).
+    """Domain-adversarial weight lambda(rho) = max_value * (2 / (1 + exp(-gamma * rho)) - 1),
+    paper C4 (with ``max_value = 1``: the DANN schedule of Ganin & Lempitsky, ICML 2015, and
+    Ganin et al., JMLR 2016).
 
     ``rho`` = training progress in [0, 1] (``global_step / planned_total_steps``, C4 proposal);
-    values outside [0, 1] are clipped. gamma = 10: lambda(0)=0, lambda(0.1)=0.4621,
-    lambda(0.5)=0.9866, lambda(1)=0.9999.
+    values outside [0, 1] are clipped. gamma = 10, max_value = 1: lambda(0)=0,
+    lambda(0.1)=0.4621, lambda(0.5)=0.9866, lambda(1)=0.9999. ``max_value`` < 1 bounds the
+    schedule (``ADVERSARIAL.LAMBDA_MAX``, decision in docs/fidelity.md).
 
     Raises:
-        ConfigError: ``gamma`` not a finite number >= 0.
+        ConfigError: ``gamma`` or ``max_value`` not a finite number >= 0.
     """
 
     gamma: float = 10.0
+    max_value: float = 1.0
 
     def __post_init__(self):
         _num("AdversarialLambda", "gamma", self.gamma, minimum=0)
+        _num("AdversarialLambda", "max_value", self.max_value, minimum=0)
 
     def __call__(self, progress: float) -> float:
         rho = min(1.0, max(0.0, _x("AdversarialLambda", progress)))
-        return 2.0 / (1.0 + math.exp(-self.gamma * rho)) - 1.0
+        return self.max_value * (2.0 / (1.0 + math.exp(-self.gamma * rho)) - 1.0)
 
 
 SCHEDULES: Dict[str, Callable[..., Callable[[float], float]]] = {

@@ -66,12 +66,15 @@ __all__ = [
     "build_domain_adversarial_head",
     "feature_levels",
     "LEVEL_MODES",
+    "CLIP_MODES",
 ]
 
 logger = logging.getLogger(__name__)
 
 #: Accepted values of ``ADVERSARIAL.LEVELS``.
 LEVEL_MODES = ("last", "all")
+#: Accepted values of ``ADVERSARIAL.GRAD_CLIP``.
+CLIP_MODES = ("global", "separate")
 
 
 def feature_levels(backbone: nn.Module) -> List[str]:
@@ -103,9 +106,15 @@ def _check_adv_cfg(cfg: CfgNode) -> None:
     r = float(a.R)
     if not math.isfinite(r) or r < 0:
         raise ConfigError(f"ADVERSARIAL.R={a.R!r}: must be a finite number >= 0 (paper: 1 or 0)")
-    g = float(a.GAMMA)
-    if not math.isfinite(g) or g < 0:
-        raise ConfigError(f"ADVERSARIAL.GAMMA={a.GAMMA!r}: must be a finite number >= 0")
+    for key in ("GAMMA", "LAMBDA_MAX"):
+        v = float(getattr(a, key))
+        if not math.isfinite(v) or v < 0:
+            raise ConfigError(f"ADVERSARIAL.{key}={getattr(a, key)!r}: must be a finite number >= 0")
+    m = float(a.DISC_LR_MULT)
+    if not math.isfinite(m) or m <= 0:
+        raise ConfigError(f"ADVERSARIAL.DISC_LR_MULT={a.DISC_LR_MULT!r}: must be a finite number > 0")
+    if str(a.GRAD_CLIP) not in CLIP_MODES:
+        raise ConfigError(f"ADVERSARIAL.GRAD_CLIP={a.GRAD_CLIP!r}: expected one of {list(CLIP_MODES)}")
 
 
 def build_domain_adversarial_head(cfg: CfgNode, model: nn.Module) -> nn.Module:
@@ -143,12 +152,13 @@ def build_domain_adversarial_head(cfg: CfgNode, model: nn.Module) -> nn.Module:
     return head.to(torch.device(cfg.MODEL.DEVICE))
 
 
-def _last_bce(head: nn.Module) -> Optional[float]:
-    """Unweighted BCE of the head's last call (mean over levels for a multi-level head)."""
+def _last_stat(head: nn.Module, name: str) -> Optional[float]:
+    """``head.<name>`` of the head's last call (``last_bce``: unweighted BCE; ``last_acc``:
+    discriminator accuracy), the mean over levels for a multi-level head; None before a call."""
     head = unwrap_model(head)
-    if getattr(head, "last_bce", None) is not None:
-        return float(head.last_bce)
-    subs = [h.last_bce for h in getattr(head, "heads", []) if getattr(h, "last_bce", None) is not None]
+    if getattr(head, name, None) is not None:
+        return float(getattr(head, name))
+    subs = [getattr(h, name) for h in getattr(head, "heads", []) if getattr(h, name, None) is not None]
     return float(torch.stack(subs).mean()) if subs else None
 
 
@@ -165,7 +175,10 @@ class DomainAdversarialMixin:
          loss_domain}                                                        # L_d term, 0-dim
 
     and records ``da_lambda`` (lambda, unsmoothed), ``da_bce_source`` / ``da_bce_target``
-    (unweighted BCE) in the event storage (also in ``self.last_domain_stats``).
+    (unweighted BCE) and ``da_acc_source`` / ``da_acc_target`` (the discriminator's accuracy on
+    each domain's images of the step, in [0, 1]; 0.5 on both = confusion, the equilibrium; a
+    value near 0 = the encoder fools it, near 1 = it separates the domains) in the event
+    storage, hence in ``metrics.json`` and TensorBoard (also in ``self.last_domain_stats``).
 
     Args (keyword-only, the rest goes to the trainer):
         da_head: the discriminator head (:func:`build_domain_adversarial_head`; may be DDP
@@ -178,15 +191,23 @@ class DomainAdversarialMixin:
         lam_schedule: ``progress -> lambda``; default ``AdversarialLambda(gamma=10)`` (C4).
         total_iters: iterations of the planned run for ``rho = iter / total_iters``; default
             the trainer's ``max_iter`` of the current ``train`` call (SOLVER.MAX_ITER).
+        clip: ``"global"`` (default, paper §6.3): ``grad_clip`` bounds the L2 norm of all the
+            optimizer's gradients together; ``"separate"``: the detector's gradients and the
+            discriminator's are clipped apart, each to ``grad_clip``, and ``grad_norm`` is then
+            the detector's norm (``ADVERSARIAL.GRAD_CLIP``).
+
+    Every step also records ``da_grad_norm_disc`` and ``da_grad_norm_detector``, the L2 norms
+    of the discriminator's and the detector's gradients before clipping (under CUDA AMP they
+    are taken before unscaling, i.e. times the grad scaler's scale).
 
     Raises:
-        ConfigError: bad ``levels`` or ``r``.
+        ConfigError: bad ``levels``, ``r`` or ``clip``.
         TypeError: ``da_head`` is not an ``nn.Module``.
     """
 
     def __init__(self, *args: Any, da_head: nn.Module, levels: Union[str, Sequence[str]] = "last",
                  r: float = 1.0, lam_schedule=None, total_iters: Optional[int] = None,
-                 **kwargs: Any) -> None:
+                 clip: str = "global", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         if not isinstance(da_head, nn.Module):
             raise TypeError(f"DomainAdversarialMixin: da_head must be an nn.Module, got {type(da_head).__name__}")
@@ -201,7 +222,10 @@ class DomainAdversarialMixin:
             raise ConfigError(f"ADVERSARIAL.R={r!r}: must be a finite number >= 0")
         self.da_head = da_head
         self.levels = levels if isinstance(levels, str) else [str(x) for x in levels]
+        if clip not in CLIP_MODES:
+            raise ConfigError(f"ADVERSARIAL.GRAD_CLIP={clip!r}: expected one of {list(CLIP_MODES)}")
         self.r = r
+        self.clip = clip
         self.lam_schedule = lam_schedule if lam_schedule is not None else AdversarialLambda()
         self.total_iters = None if total_iters is None else int(total_iters)
         self.last_domain_stats: Dict[str, float] = {}
@@ -250,6 +274,37 @@ class DomainAdversarialMixin:
         images, targets = self.detector_inputs(batch)
         return images, targets
 
+    def _split_params(self):
+        """(detector parameters, discriminator parameters) of the optimizer."""
+        head_ids = {id(p) for p in self.da_head.parameters()}
+        det, disc = [], []
+        for p in self._params():
+            (disc if id(p) in head_ids else det).append(p)
+        return det, disc
+
+    def after_backward(self) -> None:
+        """Record ``da_grad_norm_disc`` / ``da_grad_norm_detector`` (L2 norms of the
+        discriminator's / detector's gradients before clipping), then run the hooks."""
+        if self.storage is not None:
+            for k, params in zip(("da_grad_norm_detector", "da_grad_norm_disc"), self._split_params()):
+                g = [p.grad.detach().float().norm() for p in params if p.grad is not None]
+                if g:
+                    self.storage.put_scalar(k, float(torch.stack(g).norm()))
+        super().after_backward()
+
+    def clip_gradients(self) -> torch.Tensor:
+        """``clip="global"``: as :class:`SimpleTrainer`. ``"separate"``: clip the detector's and
+        the discriminator's gradients apart, each to ``grad_clip``; return the detector's norm
+        before clipping."""
+        if self.clip == "global":
+            return super().clip_gradients()
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+        det, disc = self._split_params()
+        if disc:
+            torch.nn.utils.clip_grad_norm_(disc, self.grad_clip)
+        return torch.nn.utils.clip_grad_norm_(det, self.grad_clip)
+
     # ---- the step --------------------------------------------------------------------------
     def compute_losses(self, batch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
         """Loss dict of one paired step (Eq. 2); see the class docstring.
@@ -283,22 +338,23 @@ class DomainAdversarialMixin:
             image_list, _ = inner.transform(tgt_images)
             tgt_feats = inner.backbone(image_list.tensors)
 
+        stats: Dict[str, Optional[float]] = {"da_lambda": lam}
         d_src = self.da_head(self._select(src_feats), 1, lam)
-        bce_src = _last_bce(self.da_head)
+        stats.update(da_bce_source=_last_stat(self.da_head, "last_bce"),
+                     da_acc_source=_last_stat(self.da_head, "last_acc"))
         d_tgt = self.da_head(self._select(tgt_feats), 0, lam)
-        bce_tgt = _last_bce(self.da_head)
+        stats.update(da_bce_target=_last_stat(self.da_head, "last_bce"),
+                     da_acc_target=_last_stat(self.da_head, "last_acc"))
         losses["loss_domain"] = d_src + d_tgt
 
-        self.last_domain_stats = {"da_lambda": lam}
-        if bce_src is not None and bce_tgt is not None:
-            self.last_domain_stats.update(da_bce_source=bce_src, da_bce_target=bce_tgt)
+        self.last_domain_stats = {k: v for k, v in stats.items() if v is not None}
         try:
             storage = get_event_storage()
         except RuntimeError:  # called outside train()
             storage = None
         if storage is not None:
             storage.put_scalar("da_lambda", lam, smoothing_hint=False)
-            for k in ("da_bce_source", "da_bce_target"):
+            for k in ("da_bce_source", "da_bce_target", "da_acc_source", "da_acc_target"):
                 if k in self.last_domain_stats:
                     storage.put_scalar(k, self.last_domain_stats[k])
         return losses
@@ -313,8 +369,9 @@ class DomainAdversarialTrainer(DefaultTrainer):
 
     - model: the plain detector of ``MODEL.*`` (:func:`~mdkd_det.engine.defaults.build_model`);
     - ``self.da_head``: :func:`build_domain_adversarial_head` (``ADVERSARIAL.*``);
-    - optimizer: ``SOLVER.*`` over two param groups, detector then discriminator (same LR and
-      weight decay; the LR schedule covers both);
+    - optimizer: ``SOLVER.*`` over two param groups, detector then discriminator (same weight
+      decay; discriminator LR = ``BASE_LR * ADVERSARIAL.DISC_LR_MULT``; the LR schedule covers
+      both); clipping per ``ADVERSARIAL.GRAD_CLIP``; lambda bounded by ``ADVERSARIAL.LAMBDA_MAX``;
     - data: :func:`~mdkd_det.data.multi.build_paired_train_loader` with source =
       ``ADVERSARIAL.SOURCE`` (names concatenated into one source domain; the pipeline trains one
       teacher per source) and target = ``DATASETS.TRAIN``, rebuilt at ``start_iter`` on resume;
@@ -349,9 +406,11 @@ class DomainAdversarialTrainer(DefaultTrainer):
         self.checkpointer.add_checkpointable("da_head", self.da_head)
 
     def build_optimizer(self, cfg: CfgNode, model: nn.Module):  # instance method: needs self.da_head
-        """``SOLVER.*`` optimizer with param groups [detector, discriminator]."""
+        """``SOLVER.*`` optimizer with param groups [detector, discriminator]; the
+        discriminator's LR is ``SOLVER.BASE_LR * ADVERSARIAL.DISC_LR_MULT``."""
+        disc_lr = float(cfg.SOLVER.BASE_LR) * float(cfg.ADVERSARIAL.DISC_LR_MULT)
         return build_optimizer(cfg, [{"params": list(model.parameters())},
-                                     {"params": list(self.da_head.parameters())}])
+                                     {"params": list(self.da_head.parameters()), "lr": disc_lr}])
 
     def build_train_loader(self, start_iter: int):
         """Paired source/target loader at ``start_iter`` (checks each dataset's class count)."""
@@ -367,6 +426,8 @@ class DomainAdversarialTrainer(DefaultTrainer):
         return self.trainer_class(
             model, data_loader, self.optimizer, grad_clip=clip, amp=bool(cfg.SOLVER.AMP.ENABLED),
             da_head=create_ddp_model(self.da_head), levels=str(cfg.ADVERSARIAL.LEVELS),
-            r=float(cfg.ADVERSARIAL.R), lam_schedule=AdversarialLambda(gamma=float(cfg.ADVERSARIAL.GAMMA)),
-            total_iters=self.max_iter,
+            r=float(cfg.ADVERSARIAL.R),
+            lam_schedule=AdversarialLambda(gamma=float(cfg.ADVERSARIAL.GAMMA),
+                                           max_value=float(cfg.ADVERSARIAL.LAMBDA_MAX)),
+            total_iters=self.max_iter, clip=str(cfg.ADVERSARIAL.GRAD_CLIP),
         )

@@ -264,6 +264,14 @@ class SimpleTrainer(TrainerBase):
     def _params(self) -> List[torch.Tensor]:
         return [p for g in self.optimizer.param_groups for p in g["params"]]
 
+    def clip_gradients(self) -> torch.Tensor:
+        """Clip the gradients of all the optimizer's parameters to the global L2 norm
+        ``grad_clip`` (unscaled first under CUDA AMP); return the norm before clipping (0-dim).
+        Override point (the Stage-1 mixin clips the discriminator apart)."""
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+        return torch.nn.utils.clip_grad_norm_(self._params(), self.grad_clip)
+
     def run_step(self) -> None:
         """One iteration; see the class docstring.
 
@@ -299,11 +307,7 @@ class SimpleTrainer(TrainerBase):
             losses.backward()
         self.after_backward()
 
-        grad_norm = None
-        if self.grad_clip:
-            if self.grad_scaler is not None:
-                self.grad_scaler.unscale_(self.optimizer)
-            grad_norm = torch.nn.utils.clip_grad_norm_(self._params(), self.grad_clip)
+        grad_norm = self.clip_gradients() if self.grad_clip else None
 
         self._write_metrics(loss_dict, data_time, grad_norm)
 

@@ -244,7 +244,9 @@ class DomainAdversarialHead(nn.Module):
     images (Eq. 2, mean instead of sum per C3 proposal). For paired batches, either call once
     per domain and add the two terms (= mean_source + mean_target, as Eq. 2's two sums), or
     concatenate the batches and pass a label tensor [B].
-    ``last_bce`` holds the detached unweighted L_d of the last call (for logging).
+    ``last_bce`` holds the detached unweighted L_d of the last call and ``last_acc`` the
+    discriminator's accuracy on that call's images (fraction in [0, 1] of images whose logit is
+    on the side of their label: ``logit > 0`` for source, ``<= 0`` for target), for logging.
 
     Args:
         in_channels: channels C of the feature map (or vector length for "mlp").
@@ -274,6 +276,7 @@ class DomainAdversarialHead(nn.Module):
         self.grl = GradientReversal(1.0)
         self.discriminator = build_discriminator(discriminator, in_channels, **disc_kwargs)
         self.last_bce: Optional[Tensor] = None
+        self.last_acc: Optional[Tensor] = None
 
     def forward(
         self, feat: Tensor, domain_label: Union[int, bool, Tensor], lam: float
@@ -285,6 +288,7 @@ class DomainAdversarialHead(nn.Module):
         logits = self.discriminator(self.grl(feat)).reshape(-1).float()
         bce = F.binary_cross_entropy_with_logits(logits, y, reduction="mean")
         self.last_bce = bce.detach()
+        self.last_acc = ((logits.detach() > 0).float() == y).float().mean()
         return lam * bce if self.grad_scaling == "paper" else bce
 
     def extra_repr(self) -> str:

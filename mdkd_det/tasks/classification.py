@@ -175,6 +175,18 @@ class ClassificationTask(Task):
                         {c: round(metrics[f"recall/{c}"], 2) for c in classes}, cm.tolist())
         return {"cls": metrics}
 
+    def configure_stage(self, cfg, stage: str, source: Optional[str] = None) -> None:
+        """A Stage-1 source teacher trains with plain CE (paper Eq. 7, C1/C2:
+        ``MODEL.CLASSIFIER.CLASS_WEIGHTS "none"``) on its source batch and its ``r``-weighted
+        target batch. The Eq. 14 weights (C24, A15) come from the label histogram of
+        ``DATASETS.TRAIN``, which is the target in that stage, so they would weight the source
+        batches with the target's class frequencies. Every other stage trains on target data
+        only, where those weights are the data's own (per-dataset) weights, and keeps
+        ``MODEL.CLASSIFIER.CLASS_WEIGHTS``. This keeps the target teacher identical to the
+        dataset-specific baseline (A24 reuse). Decision: docs/fidelity.md."""
+        if stage == "source_teacher":
+            cfg.MODEL.CLASSIFIER.CLASS_WEIGHTS = "none"
+
     def paper_reference(self, cfg, target: str) -> Tuple[str, Dict[str, Tuple[float, ...]]]:
         """Paper Table 11 mean accuracy (other data: chest X-ray/CT COVID sets), student row L_k."""
         k = int(cfg.KD.CLS.K)

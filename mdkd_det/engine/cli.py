@@ -55,6 +55,9 @@ def main(argv=None) -> int:
     """Parse the CLI, launch (possibly distributed) and return the exit status (2 = bad input)."""
     args = default_argument_parser().parse_args(argv)
     try:
+        # Merge and validate the config here, in the launcher: a bad key or value is one line
+        # (status 2) before any worker process is spawned (issue 13).
+        setup_cfg(args)
         launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
     except MdkdError as e:

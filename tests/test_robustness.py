@@ -14,6 +14,14 @@ from mdkd_det.utils.errors import ConfigError
 from _tiny import tiny_cfg
 
 
+def _error_line(err: str) -> str:
+    """The single ``error: ...`` line of the CLI's stderr (in-process runs may add logging noise
+    from handlers bound to an earlier test's captured stdout)."""
+    lines = [ln for ln in err.splitlines() if ln.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
 def _cfg_file(tmp_path, cfg, name="cfg.yaml"):
     p = tmp_path / name
     p.write_text(cfg.dump())
@@ -57,15 +65,15 @@ def test_domain_errors_name_the_key(key, value, expected):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_cuda_device_without_cuda_is_one_line(tmp_path, capsys):
     assert main(["MODEL.DEVICE", "cuda", "OUTPUT_DIR", str(tmp_path / "o")]) == 2
-    err = capsys.readouterr().err
+    err = _error_line(capsys.readouterr().err)
     assert err == ("error: MODEL.DEVICE = 'cuda': CUDA is not available on this machine; "
-                   "use MODEL.DEVICE cpu\n")
+                   "use MODEL.DEVICE cpu")
     assert not (tmp_path / "o").exists()  # refused before anything was built or written
 
 
 def test_zero_batch_fails_fast_instead_of_hanging(tmp_path, capsys):
     assert main(["SOLVER.IMS_PER_BATCH", "0", "OUTPUT_DIR", str(tmp_path / "o")]) == 2
-    assert capsys.readouterr().err == "error: SOLVER.IMS_PER_BATCH = 0: must be an integer >= 1\n"
+    assert _error_line(capsys.readouterr().err) == "error: SOLVER.IMS_PER_BATCH = 0: must be an integer >= 1"
     from mdkd_det.data.samplers import GroupedBatchSampler, TrainingSampler
 
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
@@ -84,11 +92,11 @@ def test_bad_key_under_two_processes_fails_in_the_launcher(tmp_path, capsys, mon
     p = tmp_path / "bad.yaml"
     p.write_text("SOLVER:\n  MAX_ITERS: 3\n")
     assert main(["--config-file", str(p), "--num-gpus", "2"]) == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "SOLVER.MAX_ITERS" in err and "bad.yaml" in err
+    err = _error_line(capsys.readouterr().err)
+    assert "SOLVER.MAX_ITERS" in err and "bad.yaml" in err
     assert main(["--num-gpus", "2", "SOLVER.IMS_PER_BATCH", "3"]) == 2
-    assert capsys.readouterr().err == ("error: SOLVER.IMS_PER_BATCH = 3: must be divisible by the 2 "
-                                       "processes (--num-gpus x --num-machines)\n")
+    assert _error_line(capsys.readouterr().err) == (
+        "error: SOLVER.IMS_PER_BATCH = 3: must be divisible by the 2 processes (--num-gpus x --num-machines)")
 
 
 def test_more_categories_than_num_classes_fails_before_training(tmp_path, data_root, capsys):
@@ -107,6 +115,66 @@ def test_more_categories_than_num_classes_fails_before_training(tmp_path, data_r
     rc = main(["--config-file", _cfg_file(tmp_path, cfg), "DATASETS.TRAIN", f"('coco:{ann}:{src}',)",
                "DATASETS.TEST", "()"])
     assert rc == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "MODEL.ROI_HEADS.NUM_CLASSES" in err and "not in [0, 1)" in err
+    err = _error_line(capsys.readouterr().err)
+    assert "MODEL.ROI_HEADS.NUM_CLASSES" in err and "not in [0, 1)" in err
     assert not (tmp_path / "r" / "model_final.pth").exists()
+
+
+def _coco_with_broken_image(tmp_path, data_root, content: bytes):
+    """4 LungCT valid images copied to tmp_path/img, the second one replaced by ``content``."""
+    import shutil
+
+    src = data_root / "lungct_roboflow" / "valid"
+    coco = json.loads((src / "_annotations.coco.json").read_text())
+    coco["images"] = coco["images"][:4]
+    keep = {im["id"] for im in coco["images"]}
+    coco["annotations"] = [a for a in coco["annotations"] if a["image_id"] in keep]
+    img = tmp_path / "img"
+    img.mkdir()
+    for im in coco["images"]:
+        shutil.copy(src / im["file_name"], img / im["file_name"])
+    bad = img / coco["images"][1]["file_name"]
+    bad.write_bytes(content)
+    ann = tmp_path / "ann.json"
+    ann.write_text(json.dumps(coco))
+    return f"coco:{ann}:{img}", bad.name
+
+
+@pytest.mark.parametrize("content", [b"", b"\xff\xd8\xff\xe0 not really a jpeg"], ids=["zero_byte", "garbage"])
+@pytest.mark.parametrize("mode", ["train", "eval_only"])
+def test_broken_image_is_one_line_naming_the_file(tmp_path, data_root, capsys, content, mode):
+    spec, bad_name = _coco_with_broken_image(tmp_path, data_root, content)
+    cfg = tiny_cfg(tmp_path / "r", max_iter=4, **{"DATALOADER.NUM_WORKERS": 1, "SOLVER.IMS_PER_BATCH": 4})
+    args = ["--config-file", _cfg_file(tmp_path, cfg)]
+    if mode == "train":
+        args += ["DATASETS.TRAIN", f"('{spec}',)", "DATASETS.TEST", "()"]
+    else:
+        args += ["--eval-only", "DATASETS.TEST", f"('{spec}',)"]
+    assert main(args) == 2
+    err = _error_line(capsys.readouterr().err)
+    assert err.startswith("error: cannot decode image ") and bad_name in err
+
+
+def test_user_message_of_a_dataloader_worker_error():
+    """torch re-raises a worker's DatasetError with the worker traceback in its message."""
+    from mdkd_det.utils.errors import DatasetError, user_message
+
+    e = DatasetError("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent "
+                     "call last):\n  File \"x.py\", line 1, in f\nmdkd_det.utils.errors.DatasetError: "
+                     "cannot decode image /d/a.jpg: empty (0-byte) file\n")
+    assert user_message(e) == "cannot decode image /d/a.jpg: empty (0-byte) file"
+    assert user_message(DatasetError("plain\n message")) == "plain message"
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bad_image_under_two_processes_is_one_line(tmp_path, data_root, capfd):
+    """An error found inside a DDP worker (not by the launcher's config check): the worker prints
+    one line and exits 2; the launcher adds nothing (was a ProcessRaisedException traceback)."""
+    spec, bad_name = _coco_with_broken_image(tmp_path, data_root, b"")
+    cfg = tiny_cfg(tmp_path / "r", max_iter=2, **{"SOLVER.IMS_PER_BATCH": 4, "DATASETS.TEST": "()"})
+    rc = main(["--config-file", _cfg_file(tmp_path, cfg), "--num-gpus", "2", "DATASETS.TRAIN", f"('{spec}',)"])
+    err = capfd.readouterr().err
+    assert rc == 2, err
+    lines = {ln for ln in err.splitlines() if ln.startswith("error: ")}
+    assert len(lines) == 1 and bad_name in lines.pop() and "Traceback" not in err, err

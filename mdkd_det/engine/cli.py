@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from ..utils.errors import MdkdError
+from ..utils.errors import MdkdError, user_message
 from .checkpointer import Checkpointer
 from .defaults import DefaultTrainer, build_model, default_argument_parser, default_setup, do_test, setup_cfg
 from .launch import launch
@@ -61,6 +61,7 @@ def main(argv=None) -> int:
         launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
     except MdkdError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "reported", False):  # a worker process printed it already
+            print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     return 0

@@ -17,13 +17,14 @@ import datetime
 import logging
 import os
 import socket
+import sys
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ..utils.errors import ConfigError
+from ..utils.errors import ConfigError, MdkdError, user_message
 from . import comm
 
 __all__ = ["launch", "create_ddp_model", "find_free_port", "DEFAULT_TIMEOUT"]
@@ -107,12 +108,28 @@ def launch(
         dist_url = f"tcp://127.0.0.1:{find_free_port()}"
     if torch.cuda.is_available() and num_gpus_per_machine > torch.cuda.device_count():
         raise ConfigError(f"--num-gpus {num_gpus_per_machine} > {torch.cuda.device_count()} visible GPUs")
-    mp.spawn(
-        _distributed_worker,
-        nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, tuple(args), timeout),
-        daemon=False,
-    )
+    try:
+        mp.spawn(
+            _distributed_worker,
+            nprocs=num_gpus_per_machine,
+            args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, tuple(args), timeout),
+            daemon=False,
+        )
+    except mp.ProcessExitedException as e:
+        if e.exit_code == _BAD_INPUT_STATUS:
+            raise WorkerReportedError(f"worker process {e.error_index} stopped on bad input") from None
+        raise
+
+
+#: Exit status of a worker that printed a one-line MdkdError (the CLI's "bad input" status).
+_BAD_INPUT_STATUS = 2
+
+
+class WorkerReportedError(MdkdError):
+    """A spawned worker stopped on an :class:`MdkdError` and already printed its one-line
+    message (``error: ...``) on stderr; the CLI exits with status 2 without printing more."""
+
+    reported = True
 
 
 def _distributed_worker(local_rank: int, main_func, world_size: int, num_per_machine: int, machine_rank: int,
@@ -129,7 +146,11 @@ def _distributed_worker(local_rank: int, main_func, world_size: int, num_per_mac
     except Exception:
         logger.error("Process group initialisation at %s failed (rank %d)", dist_url, global_rank)
         raise
-    _run_in_group(main_func, args)
+    try:
+        _run_in_group(main_func, args)
+    except MdkdError as e:  # bad input: one line, not a worker traceback through mp.spawn
+        print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
+        sys.exit(_BAD_INPUT_STATUS)
 
 
 def _run_in_group(main_func, args: Sequence[Any]) -> None:

@@ -33,3 +33,19 @@ class RegistryError(MdkdError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+def user_message(e: BaseException) -> str:
+    """The one-line message of ``e`` for the CLI (``error: <message>``).
+
+    A DataLoader worker re-raises an error in the main process with the worker's traceback in
+    its message (``Caught DatasetError in DataLoader worker process 0. Original Traceback ...``,
+    torch ``ExceptionWrapper``); the message is then the last line of that traceback without its
+    ``module.Class: `` prefix. Any other message is returned with its whitespace collapsed.
+    """
+    text = str(e)
+    if "\nOriginal Traceback" in text:
+        last = [ln for ln in text.splitlines() if ln.strip()][-1]
+        prefix = f"{type(e).__module__}.{type(e).__name__}: "
+        text = last[len(prefix):] if last.startswith(prefix) else last.split(": ", 1)[-1]
+    return " ".join(text.split())

@@ -178,3 +178,104 @@ def test_bad_image_under_two_processes_is_one_line(tmp_path, data_root, capfd):
     assert rc == 2, err
     lines = {ln for ln in err.splitlines() if ln.startswith("error: ")}
     assert len(lines) == 1 and bad_name in lines.pop() and "Traceback" not in err, err
+
+
+# ---- no stale or orphaned work ------------------------------------------------------------------
+def test_stray_checkpoint_temp_files_removed_on_next_start(tmp_path):
+    import os
+
+    from mdkd_det.engine.checkpointer import Checkpointer
+
+    dead = tmp_path / ".model_0000009.pth.999999999.0123abcd.tmp"  # pid beyond pid_max: dead
+    alive = tmp_path / f".model_final.pth.{os.getppid()}.89abcdef.tmp"  # a running process's
+    other = tmp_path / "notes.tmp"
+    for p in (dead, alive, other):
+        p.write_bytes(b"partial")
+    Checkpointer(torch.nn.Linear(2, 2), str(tmp_path))
+    assert not dead.exists() and alive.exists() and other.exists()
+
+
+def test_metrics_json_has_no_duplicate_iterations_after_resume(tmp_path):
+    from mdkd_det.engine.events import EventStorage, JSONWriter
+
+    f = tmp_path / "metrics.json"
+
+    def session(start, stop):
+        w = JSONWriter(str(f))
+        with EventStorage(start) as st:
+            for it in range(start, stop):
+                st.iter = it
+                st.put_scalar("loss", float(it), smoothing_hint=False)
+                w.write()
+        w.close()
+
+    session(0, 5)  # crashed after logging iteration 4; last checkpoint: iteration 2
+    session(3, 6)  # resumed at 3
+    its = [json.loads(ln)["iteration"] for ln in f.read_text().splitlines()]
+    assert its == [0, 1, 2, 3, 4, 5]
+
+
+def _pipe_cfg(out, iters):
+    return tiny_cfg(out, max_iter=1, **{
+        "PIPELINE.ENABLED": True, "PIPELINE.ITERS.DATASET_SPECIFIC": iters,
+        "DATASETS.TRAIN_LIMIT": 6, "DATASETS.TEST_LIMIT": 2, "TEST.VIS_NUM": 0})
+
+
+def test_pipeline_stage_skipped_only_with_the_same_config_and_rerun_never_taken_as_done(
+        tmp_path, data_root, caplog, monkeypatch):
+    import logging
+
+    import mdkd_det.pipeline.runner as runner_mod
+    from mdkd_det.engine.hooks import HookBase, PeriodicCheckpointer
+    from mdkd_det.pipeline import PipelineRunner
+
+    caplog.set_level(logging.INFO, logger="mdkd_det.pipeline")
+    out = tmp_path / "p"
+    stage = out / "dataset_specific"
+
+    def run(iters, rerun=()):
+        caplog.clear()
+        PipelineRunner(_pipe_cfg(out, iters), stages=["dataset_specific"], rerun=rerun).run()
+        return json.loads((stage / "stage_result.json").read_text())
+
+    def final_iter():
+        return torch.load(stage / "model_final.pth", weights_only=True)["iteration"]
+
+    res2 = run(2)
+    assert final_iter() == 1 and res2["config"]["SOLVER.MAX_ITER"] == 2
+    mtime = (stage / "model_final.pth").stat().st_mtime_ns
+    assert run(2)["fingerprint"] == res2["fingerprint"]  # same config: skipped
+    assert (stage / "model_final.pth").stat().st_mtime_ns == mtime and "skipped" in caplog.text
+    res3 = run(3)  # PIPELINE.ITERS 3 after a 2-iteration run: retrained, not silently kept
+    assert final_iter() == 2 and res3["fingerprint"] != res2["fingerprint"]
+    assert "SOLVER.MAX_ITER: 2 -> 3" in caplog.text
+
+    # an interrupted --rerun (killed after the iteration-1 checkpoint) is not "finished"
+    class Crash(Exception):
+        pass
+
+    class CrashAfter1(HookBase):
+        def after_step(self):
+            if self.trainer.iter == 1:
+                raise Crash()
+
+    class CrashingTrainer(runner_mod.DefaultTrainer):
+        def build_hooks(self):
+            hs = super().build_hooks()
+            at = 1 + next(i for i, h in enumerate(hs) if isinstance(h, PeriodicCheckpointer))
+            return hs[:at] + [CrashAfter1()] + hs[at:]
+
+    monkeypatch.setattr(runner_mod, "DefaultTrainer", CrashingTrainer)
+    with pytest.raises(Crash):
+        run(3, rerun=("dataset_specific",))
+    assert not (stage / "stage_result.json").exists() and not (stage / "model_final.pth").exists()
+    assert (stage / "last_checkpoint").read_text() == "model_0000001.pth"
+    monkeypatch.undo()
+    prior = json.loads((stage / "stage_progress.json").read_text())
+    res = run(3)  # resumes the interrupted rerun
+    assert "(resuming)" in caplog.text and final_iter() == 2
+    progress = json.loads((stage / "stage_progress.json").read_text())
+    assert progress["wall_time_s"] > 0 and res["wall_time_s"] > progress["wall_time_s"]
+    assert progress["wall_time_s"] >= 0 and prior["session_start"] < progress["session_start"]
+    its = [json.loads(ln)["iteration"] for ln in (stage / "metrics.json").read_text().splitlines()]
+    assert len(its) == len(set(its)), its

@@ -9,6 +9,9 @@ Two ways to run ``main_func`` on several processes:
 - Started by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` in the environment):
   :func:`launch` initialises from the environment (``init_method="env://"``) and calls
   ``main_func`` directly in the current process.
+
+Spawned workers exit within about a second when their launcher dies, even by ``kill -9``
+(:func:`exit_with_parent`), so no orphan trains on and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ import logging
 import os
 import socket
 import sys
+import threading
+import time
 from typing import Any, Callable, Sequence
 
 import torch
@@ -112,7 +117,8 @@ def launch(
         mp.spawn(
             _distributed_worker,
             nprocs=num_gpus_per_machine,
-            args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, tuple(args), timeout),
+            args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, tuple(args), timeout,
+                  os.getpid()),
             daemon=False,
         )
     except mp.ProcessExitedException as e:
@@ -132,8 +138,47 @@ class WorkerReportedError(MdkdError):
     reported = True
 
 
+#: Seconds between two checks of the parent-death watchdog (:func:`exit_with_parent`).
+PARENT_POLL_S = 1.0
+
+
+def exit_with_parent(parent_pid: int, poll_s: float = PARENT_POLL_S) -> None:
+    """Make this worker process end when its launcher ``parent_pid`` dies (also by ``kill -9``),
+    instead of training on to the end as an orphan and writing ``model_final.pth``.
+
+    Two mechanisms: on Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` (the kernel kills this process
+    the moment its parent exits; via ``ctypes``), and on every platform a daemon thread that
+    checks ``os.getppid()`` every ``poll_s`` seconds and calls ``os._exit(1)`` once the process
+    was re-parented. Either way the worker is gone within about ``poll_s`` seconds. Checkpoints
+    are written atomically, so a worker killed mid-write leaves no broken file (only a ``*.tmp``,
+    removed on the next start).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no libc/prctl: the watchdog below still works
+            pass
+    if os.getppid() != parent_pid:  # the launcher died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent_pid:
+                logger.error("launcher process %d died; worker %d exits", parent_pid, os.getpid())
+                os._exit(1)
+
+    threading.Thread(target=watch, name="mdkd-parent-watchdog", daemon=True).start()
+
+
 def _distributed_worker(local_rank: int, main_func, world_size: int, num_per_machine: int, machine_rank: int,
-                        dist_url: str, args: tuple, timeout: datetime.timedelta) -> None:
+                        dist_url: str, args: tuple, timeout: datetime.timedelta, parent_pid: int) -> None:
+    exit_with_parent(parent_pid)
     global_rank = machine_rank * num_per_machine + local_rank
     comm._LOCAL_RANK, comm._LOCAL_SIZE = local_rank, num_per_machine
     if torch.cuda.is_available():

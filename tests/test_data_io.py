@@ -162,6 +162,15 @@ def test_undecodable_image(tmp_path, reader):
         read_image({"file_name": str(path), "reader": reader})
 
 
+@pytest.mark.parametrize("reader", ["image", "png16_hu", "dicom"])
+def test_zero_byte_image(tmp_path, reader):
+    """Was a cv2.error traceback (``!buf.empty()``) for the OpenCV readers (issue 13)."""
+    path = tmp_path / "empty.png"
+    path.write_bytes(b"")
+    with pytest.raises(DatasetError, match="empty.png"):
+        read_image({"file_name": str(path), "reader": reader})
+
+
 def test_unknown_reader_and_size_mismatch(tmp_path):
     path = str(tmp_path / "a.png")
     cv2.imwrite(path, np.zeros((4, 6), np.uint8))

@@ -89,3 +89,39 @@ def test_flatten_results():
     flat = hooks.flatten_results({"a": {"b": np.float32(1.5), "c": torch.tensor(2.0), "d": "x", "e": True},
                                   "f": 3})
     assert flat == {"a/b": 1.5, "a/c": 2.0, "f": 3.0}
+
+
+def test_eval_hook_restores_global_rngs(tmp_path):
+    """Evaluation drawing from torch/NumPy/Python RNGs (test loader, visualiser) leaves them as
+    they were, also when it raises (issue 13: exact resume with TEST.EVAL_PERIOD on)."""
+    import random
+
+    import numpy as np
+
+    from mdkd_det.engine.checkpointer import get_rng_state
+
+    t, _, _ = _setup(tmp_path, max_iter=2)
+    seen = []
+
+    def eval_fn():
+        seen.append(get_rng_state())
+        torch.rand(3), np.random.rand(), random.random()
+        return {"bbox": {"AP": 1.0}}
+
+    ev = hooks.EvalHook(1, eval_fn)
+    t.register_hooks([ev])
+    t.train(0, 1)
+    after = get_rng_state()
+    assert torch.equal(after["torch"], seen[0]["torch"]) and after["python"] == seen[0]["python"]
+    assert torch.equal(after["numpy"][1], seen[0]["numpy"][1]) and after["numpy"][2] == seen[0]["numpy"][2]
+
+    def failing():
+        torch.rand(3)
+        raise RuntimeError("eval failed")
+
+    before = torch.get_rng_state()
+    bad = hooks.EvalHook(1, failing)
+    bad.trainer = t
+    with pytest.raises(RuntimeError, match="eval failed"):
+        bad._do_eval()
+    assert torch.equal(torch.get_rng_state(), before)

@@ -94,3 +94,81 @@ def test_started_by_torchrun_two_processes(tmp_path):
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     assert (r0["world"], r1["local_rank"], r0["is_ddp"]) == (2, 1, "DistributedDataParallel")
     assert all(torch.equal(r0["state"][k], r1["state"][k]) for k in r0["state"])
+
+
+def _sleeping_worker(out_dir):
+    """Writes rank<r>.pid once the process group is up, then 'trains' for 10 minutes."""
+    import time
+
+    with open(os.path.join(out_dir, f"rank{comm.get_rank()}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+    for _ in range(600):
+        time.sleep(1)
+    open(os.path.join(out_dir, f"rank{comm.get_rank()}.finished"), "w").close()
+
+
+_ORPHAN_SCRIPT = """
+import sys
+sys.path.insert(0, {tests!r})
+from test_launch import _sleeping_worker
+from mdkd_det.engine.launch import launch
+if __name__ == "__main__":  # workers are spawned: they re-import this file
+    launch(_sleeping_worker, num_gpus_per_machine=2, args=({out!r},))
+"""
+
+
+def _running(pid: int) -> bool:
+    """Process ``pid`` exists and is not a zombie (an un-reaped orphan counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="reads process states from /proc")
+@pytest.mark.timeout(900)
+def test_workers_exit_when_the_launcher_is_killed(tmp_path):
+    """kill -9 of the launcher: both gloo workers notice (parent-death signal / watchdog) and exit
+    instead of running to the end (issue 13). Bounded waits are liveness limits, not timings."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    script = tmp_path / "launch.py"
+    script.write_text(_ORPHAN_SCRIPT.format(tests=os.path.dirname(__file__), out=str(tmp_path)))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    launcher = subprocess.Popen([sys.executable, str(script)], env=env, stderr=subprocess.PIPE)
+    pids = []
+    try:
+        deadline = time.monotonic() + 600  # start-up (imports) on a loaded 2-core machine
+        while len(pids) < 2 and time.monotonic() < deadline and launcher.poll() is None:
+            pids = [int(p.read_text()) for p in sorted(tmp_path.glob("rank*.pid")) if p.read_text()]
+            time.sleep(0.5)
+        assert len(pids) == 2, launcher.stderr.read().decode()[-2000:] if launcher.poll() is not None else "no pids"
+        os.kill(launcher.pid, signal.SIGKILL)
+        launcher.wait()
+        deadline = time.monotonic() + 60
+        while any(_running(p) for p in pids) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(_running(p) for p in pids), "orphaned workers still running"
+        assert not list(tmp_path.glob("rank*.finished"))
+    finally:
+        for p in pids:
+            if _running(p):
+                os.kill(p, signal.SIGKILL)
+        if launcher.poll() is None:
+            launcher.kill()
+
+
+@pytest.mark.timeout(300)
+def test_worker_whose_launcher_is_already_gone_exits_at_once():
+    """The fallback check: a parent pid that is not ours any more -> os._exit(1) at once."""
+    import subprocess
+    import sys
+
+    code = ("from mdkd_det.engine.launch import exit_with_parent\n"
+            "import os, time\nexit_with_parent(os.getppid() + 1)\ntime.sleep(600)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 1, proc.stderr[-2000:]

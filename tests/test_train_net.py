@@ -70,18 +70,24 @@ def test_eval_only_on_coco_json_matches_pycocotools(tmp_path, data_root):
     assert ours["AP50"] == pytest.approx(100 * max(e.stats[1], 0), abs=1e-6)
 
 
-def test_resume_is_exact(tmp_path, data_root):
-    """4 iterations straight == 2 iterations, interrupted, then --resume to 4."""
+@pytest.mark.parametrize("eval_period", [0, 2])
+def test_resume_is_exact(tmp_path, data_root, eval_period):
+    """4 iterations straight == 2 iterations, interrupted, then --resume to 4.
+
+    With ``TEST.EVAL_PERIOD 2`` the periodic evaluation (test loader, visualiser) runs right
+    after the iteration-1 checkpoint is written; it must not move the global RNGs (issue 13).
+    """
 
     class Crash(Exception):
         pass
 
-    straight = DefaultTrainer(tiny_cfg(tmp_path / "a", max_iter=4))
+    over = {"TEST.EVAL_PERIOD": eval_period}
+    straight = DefaultTrainer(tiny_cfg(tmp_path / "a", max_iter=4, **over))
     straight.resume_or_load(resume=False)
     straight.train()
 
-    cfg_b = tiny_cfg(tmp_path / "b", max_iter=4, **{"SOLVER.CHECKPOINT_PERIOD": 2})
-    from mdkd_det.engine.hooks import HookBase
+    cfg_b = tiny_cfg(tmp_path / "b", max_iter=4, **{"SOLVER.CHECKPOINT_PERIOD": 2}, **over)
+    from mdkd_det.engine.hooks import HookBase, PeriodicCheckpointer
 
     class CrashAfter2(HookBase):
         def after_step(self):
@@ -91,7 +97,15 @@ def test_resume_is_exact(tmp_path, data_root):
     t = DefaultTrainer(cfg_b)
     t.resume_or_load(resume=False)
     orig = t.build_hooks
-    t.build_hooks = lambda: orig() + [CrashAfter2()]
+
+    def hooks_with_crash():
+        # killed right after the iteration-1 checkpoint, before/while evaluating (so no
+        # model_best.pth, whose RNG state is the post-evaluation one, becomes last_checkpoint)
+        hs = orig()
+        at = 1 + next(i for i, h in enumerate(hs) if isinstance(h, PeriodicCheckpointer))
+        return hs[:at] + [CrashAfter2()] + hs[at:]
+
+    t.build_hooks = hooks_with_crash
     with pytest.raises(Crash):
         t.train()
     assert not (tmp_path / "b" / "model_final.pth").exists()

@@ -7,6 +7,7 @@ Test loader: in order, sharded over ranks.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable, List, Optional, Sequence
 
@@ -22,14 +23,16 @@ from .samplers import GroupedBatchSampler, InferenceSampler, TrainingSampler
 logger = logging.getLogger(__name__)
 
 
-def get_dataset_records(cfg, names: Sequence[str], limit: int = 0) -> List[dict]:
+def get_dataset_records(cfg, names: Sequence[str], limit: int = 0, check_classes: bool = False) -> List[dict]:
     """Load, validate (``DATASETS.BOX_POLICY``, ``KEEP_EMPTY``) and concatenate datasets.
 
     Built-in names are registered under ``dataset_root(cfg)`` first; ``coco:<json>:<dir>``
-    names register themselves.
+    names register themselves. With ``check_classes`` (training sets) every annotation's
+    ``category_id`` must lie in ``[0, NUM_CLASSES)`` of the task's ``num_classes_key``.
 
     Raises:
-        DatasetError: unknown name, missing image, bad box (policy "error"), empty result.
+        DatasetError: unknown name, missing image, bad box (policy "error"), category id beyond
+            the model's class count (naming the file and the key), empty result.
     """
     from ..utils.errors import DatasetError
 
@@ -37,12 +40,16 @@ def get_dataset_records(cfg, names: Sequence[str], limit: int = 0) -> List[dict]
                      split_fractions=tuple(cfg.DATASETS.SPLIT_FRACTIONS))
     from ..tasks import get_task  # tasks import data modules: import lazily
 
-    get_task(cfg).register_datasets(cfg)
+    task = get_task(cfg)
+    task.register_datasets(cfg)
+    key = task.num_classes_key if check_classes else ""
+    num_classes = int(functools.reduce(lambda node, k: node[k], key.split("."), cfg)) if key else None
     records: List[dict] = []
     for name in names:
         recs = DatasetCatalog.get(name)
         recs = check_records(
-            recs, name, box_policy=cfg.DATASETS.BOX_POLICY, keep_empty=cfg.DATASETS.KEEP_EMPTY
+            recs, name, box_policy=cfg.DATASETS.BOX_POLICY, keep_empty=cfg.DATASETS.KEEP_EMPTY,
+            num_classes=num_classes, num_classes_key=key,
         )
         records.extend(recs)
     if limit and limit > 0:
@@ -107,7 +114,8 @@ def build_detection_train_loader(
 
     world, rank = get_world_size(), get_rank()
     if records is None:
-        records = get_dataset_records(cfg, dataset_names or cfg.DATASETS.TRAIN, cfg.DATASETS.TRAIN_LIMIT)
+        records = get_dataset_records(cfg, dataset_names or cfg.DATASETS.TRAIN, cfg.DATASETS.TRAIN_LIMIT,
+                                      check_classes=True)
     if batch_size is None:
         total = int(cfg.SOLVER.IMS_PER_BATCH)
         if total % world:

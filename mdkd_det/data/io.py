@@ -97,9 +97,24 @@ def _read_bytes(path: str) -> np.ndarray:
     if not path or not os.path.isfile(path):
         raise DatasetError(f"image file not found: {path}")
     try:
-        return np.fromfile(path, dtype=np.uint8)
+        buf = np.fromfile(path, dtype=np.uint8)
     except OSError as e:
         raise DatasetError(f"cannot read image file {path}: {e}") from e
+    if buf.size == 0:
+        raise DatasetError(f"cannot decode image {path}: empty (0-byte) file")
+    return buf
+
+
+def _imdecode(buf: np.ndarray, flags: int, path: str, expected: str) -> np.ndarray:
+    """``cv2.imdecode`` with every failure (``None`` or a ``cv2.error``) as a DatasetError."""
+    try:
+        img = cv2.imdecode(buf, flags)
+    except cv2.error as e:
+        raise DatasetError(f"cannot decode image {path} (not a {expected}, or corrupt): "
+                           f"{' '.join(str(e).split())[:200]}") from e
+    if img is None:
+        raise DatasetError(f"cannot decode image {path} (not a {expected}, or corrupt)")
+    return img
 
 
 def _read_8bit(path: str) -> np.ndarray:
@@ -110,17 +125,13 @@ def _read_8bit(path: str) -> np.ndarray:
         raise DatasetError(
             f"{path}: 16-bit PNG given to reader 'image' (8-bit only); use reader 'png16_hu'"
         )
-    img = cv2.imdecode(buf, cv2.IMREAD_GRAYSCALE)
-    if img is None:
-        raise DatasetError(f"cannot decode image {path} (not a JPEG/PNG, or corrupt)")
+    img = _imdecode(buf, cv2.IMREAD_GRAYSCALE, path, "JPEG/PNG")
     return img.astype(np.float32) / np.float32(255.0)
 
 
 def _read_png16_hu(path: str) -> np.ndarray:
     buf = _read_bytes(path)
-    img = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
-    if img is None:
-        raise DatasetError(f"cannot decode image {path} (not a PNG, or corrupt)")
+    img = _imdecode(buf, cv2.IMREAD_UNCHANGED, path, "PNG")
     if img.dtype != np.uint16:
         raise DatasetError(
             f"{path}: reader 'png16_hu' needs a 16-bit PNG (HU = value - 32768), got {img.dtype}"

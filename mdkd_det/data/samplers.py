@@ -59,11 +59,17 @@ class GroupedBatchSampler(Sampler):
     Args:
         sampler: yields ``(index, position)``.
         group_ids: group of each dataset index.
-        batch_size: per-process batch size.
+        batch_size: per-process batch size (>= 1).
+
+    Raises:
+        ValueError: ``batch_size < 1`` (it would never yield and loop forever; the CLI refuses
+            ``SOLVER.IMS_PER_BATCH 0`` earlier, in :func:`mdkd_det.config.validate.validate_config`).
     """
 
     def __init__(self, sampler: Sampler, group_ids: Sequence[int], batch_size: int):
         self.sampler, self.group_ids, self.batch_size = sampler, list(group_ids), int(batch_size)
+        if self.batch_size < 1:
+            raise ValueError(f"GroupedBatchSampler: batch_size must be >= 1, got {batch_size}")
 
     def __iter__(self):
         buckets = {}

@@ -10,7 +10,9 @@ Checkpoint layout (one ``.pth`` file, ``torch.save`` of a dict)::
 
 ``OUTPUT_DIR/last_checkpoint`` holds the file name of the newest checkpoint (detectron2's
 convention). Every file is written atomically: a temporary file in the same directory,
-``fsync``, then ``os.replace``, so a crash mid-write leaves the previous file intact.
+``fsync``, then ``os.replace``, so a crash mid-write leaves the previous file intact; the
+temporary file such a crash leaves behind is removed when the next :class:`Checkpointer` for that
+directory is created (:func:`remove_stale_temp_files`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from __future__ import annotations
 import logging
 import os
 import random
+import re
 import uuid
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
@@ -33,6 +36,7 @@ __all__ = [
     "export_model",
     "atomic_write_text",
     "atomic_torch_save",
+    "remove_stale_temp_files",
     "get_rng_state",
     "set_rng_state",
     "unwrap_model",
@@ -84,6 +88,42 @@ def _atomic_write(path: str, write_fn: Callable[[Any], None], binary: bool = Tru
             pass
         raise
     _fsync_dir(d)
+
+
+_TMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def remove_stale_temp_files(directory: str) -> List[str]:
+    """Delete the temp files (``.<name>.<pid>.<hex>.tmp``) that :func:`_atomic_write` left in
+    ``directory`` when its process was killed mid-write; files of a running process (this one
+    included) are kept. Returns the removed paths."""
+    removed: List[str] = []
+    if not directory or not os.path.isdir(directory):
+        return removed
+    for e in os.scandir(directory):
+        m = _TMP_RE.match(e.name)
+        if not (m and e.is_file()):
+            continue
+        if _pid_alive(int(m.group(1))):
+            continue
+        try:
+            os.remove(e.path)
+            removed.append(e.path)
+        except OSError:
+            pass
+    if removed:
+        logger.info("Removed %d temp file(s) of an interrupted write in %s", len(removed), directory)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
 
 
 def atomic_torch_save(obj: Any, path: str) -> None:
@@ -210,6 +250,8 @@ class Checkpointer:
         self.checkpointables: Dict[str, Any] = {}
         for k, v in checkpointables.items():
             self.add_checkpointable(k, v)
+        if self.save_dir and self.save_to_disk:  # a checkpoint write killed in a previous run
+            remove_stale_temp_files(self.save_dir)
 
     def add_checkpointable(self, name: str, obj: Any) -> None:
         """Register one more object to save/load under ``name`` (e.g. the trainer, created

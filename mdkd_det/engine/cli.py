@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import sys
 
-from ..utils.errors import MdkdError
+from ..utils.errors import MdkdError, user_message
 from .checkpointer import Checkpointer
 from .defaults import DefaultTrainer, build_model, default_argument_parser, default_setup, do_test, setup_cfg
 from .launch import launch
@@ -55,9 +55,13 @@ def main(argv=None) -> int:
     """Parse the CLI, launch (possibly distributed) and return the exit status (2 = bad input)."""
     args = default_argument_parser().parse_args(argv)
     try:
+        # Merge and validate the config here, in the launcher: a bad key or value is one line
+        # (status 2) before any worker process is spawned (issue 13).
+        setup_cfg(args)
         launch(run, args.num_gpus, num_machines=args.num_machines, machine_rank=args.machine_rank,
                dist_url=args.dist_url, args=(args,))
     except MdkdError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if not getattr(e, "reported", False):  # a worker process printed it already
+            print(f"error: {user_message(e)}", file=sys.stderr)
         return 2
     return 0

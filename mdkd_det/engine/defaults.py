@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..config import CfgNode, get_cfg
+from ..config.validate import validate_config
 from ..data.build import build_detection_train_loader, get_dataset_records
 from ..modeling.registry import DETECTOR_REGISTRY
 from ..solver import build_lr_scheduler, build_optimizer
@@ -93,9 +94,13 @@ def setup_cfg(args) -> CfgNode:
     ``--coco-json``/``--coco-images`` set ``DATASETS.TEST`` to that dataset; ``--seeds`` sets
     ``PIPELINE.SEEDS``.
 
+    Every numeric value is then checked against its domain and ``MODEL.DEVICE`` against the
+    machine (:func:`~mdkd_det.config.validate.validate_config`), before anything is built.
+
     Raises:
-        ConfigError: unknown key (naming key and file), missing file, or only one of
-            --coco-json/--coco-images.
+        ConfigError: unknown key (naming key and file), missing file, only one of
+            --coco-json/--coco-images, a value outside its domain (naming the key), or
+            ``SOLVER.IMS_PER_BATCH`` not divisible by the number of processes.
     """
     cfg = get_cfg()
     if args.config_file:
@@ -113,6 +118,11 @@ def setup_cfg(args) -> CfgNode:
         cfg.MODEL.TRUST_CHECKPOINTS = True
     if getattr(args, "seeds", None):
         cfg.PIPELINE.SEEDS = tuple(int(s) for s in args.seeds)
+    validate_config(cfg)
+    world = int(getattr(args, "num_gpus", 1) or 1) * int(getattr(args, "num_machines", 1) or 1)
+    if world > 1 and int(cfg.SOLVER.IMS_PER_BATCH) % world:
+        raise ConfigError(f"SOLVER.IMS_PER_BATCH = {cfg.SOLVER.IMS_PER_BATCH}: must be divisible by the "
+                          f"{world} processes (--num-gpus x --num-machines)")
     cfg.freeze()
     return cfg
 

@@ -73,6 +73,7 @@ class EventStorage:
 
     def __init__(self, start_iter: int = 0, max_length: int = 1_000_000) -> None:
         self.iter = int(start_iter)
+        self.start_iter = int(start_iter)
         self._max_length = int(max_length)
         self._history: Dict[str, HistoryBuffer] = defaultdict(lambda: HistoryBuffer(self._max_length))
         self._smoothing_hints: Dict[str, bool] = {}
@@ -191,7 +192,9 @@ class JSONWriter(_NewScalarsMixin, EventWriter):
     Each line is ``{"iteration": <it>, <name>: <value>, ...}`` holding the scalars updated since
     the previous write (``it`` = the latest 0-based iteration among them) (hinted ones as window medians). Non-finite values are
     written as ``null``. The file is opened in append mode, so a resumed run continues it; the
-    line is flushed immediately (readable while training runs).
+    line is flushed immediately (readable while training runs). Before its first line, the
+    writer drops the file's lines from the iteration it starts at on (written by an interrupted
+    run after its last checkpoint, and computed again now), so no iteration appears twice.
 
     Args:
         json_file: output path, usually ``OUTPUT_DIR/metrics.json`` (parent dirs are created).
@@ -204,12 +207,37 @@ class JSONWriter(_NewScalarsMixin, EventWriter):
         d = os.path.dirname(os.path.abspath(json_file))
         os.makedirs(d, exist_ok=True)
         self._file = open(json_file, "a")
+        self._first = True
+
+    def _drop_from(self, first_iter: int) -> None:
+        """Rewrite the file without lines whose iteration is >= ``first_iter``."""
+        self._file.close()
+        with open(self.json_file) as f:
+            lines = f.readlines()
+        keep = []
+        for ln in lines:
+            try:
+                it = json.loads(ln).get("iteration")
+            except (ValueError, AttributeError):
+                it = None
+            if not (isinstance(it, int) and it >= first_iter):
+                keep.append(ln)
+        if len(keep) != len(lines):
+            tmp = self.json_file + ".rewrite"
+            with open(tmp, "w") as f:
+                f.writelines(keep)
+            os.replace(tmp, self.json_file)
+        self._file = open(self.json_file, "a")
 
     def write(self) -> None:
         storage = get_event_storage()
         new = self._new_scalars(storage)
         if not new:
             return
+        if self._first:
+            self._first = False
+            if self._file.tell() > 0:
+                self._drop_from(min([it for _, it in new.values()] + [getattr(storage, "start_iter", 1 << 62)]))
         line = {"iteration": max(it for _, it in new.values())}
         for k, (v, _) in sorted(new.items()):
             line[k] = v if math.isfinite(v) else None

@@ -27,7 +27,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 import torch
 
 from . import comm
-from .checkpointer import atomic_write_text
+from .checkpointer import atomic_write_text, get_rng_state, set_rng_state
 from .events import EventWriter, JSONWriter, ProgressWriter, TensorboardWriter
 
 __all__ = [
@@ -245,7 +245,9 @@ class EvalHook(HookBase):
     and the nested dict kept as ``trainer.last_eval_results``. It is called on every process
     (evaluation may be distributed) followed by a barrier; processes without results may
     return ``{}``. The model is put in ``eval()`` mode by the function if needed; this hook
-    restores ``train()`` mode afterwards.
+    restores ``train()`` mode afterwards, and restores the global RNGs (Python, NumPy, torch,
+    CUDA) to their state before the evaluation, so evaluation never changes the training
+    stream and kill-and-resume stays bit-exact with ``TEST.EVAL_PERIOD`` on (issue 13).
 
     When ``metric`` improves (strictly), ``checkpointer.save("model_best", iteration=it,
     best_metric=..., best_value=...)`` is called and a small ``model_best.json`` sidecar
@@ -297,7 +299,14 @@ class EvalHook(HookBase):
         it = self.trainer.iter if iteration is None else iteration
         model = getattr(self.trainer, "model", None)
         was_training = model.training if model is not None else None
-        results = self.eval_function() or {}
+        # Evaluation (test DataLoader, visualiser, samplers) may draw from the global RNGs. The
+        # periodic checkpoint of this iteration already holds the pre-evaluation RNG state, so
+        # restore it: training continues identically whether or not the run was resumed.
+        rng = get_rng_state()
+        try:
+            results = self.eval_function() or {}
+        finally:
+            set_rng_state(rng)
         if model is not None:
             model.train(was_training)
         if not isinstance(results, Mapping):

@@ -9,6 +9,9 @@ Two ways to run ``main_func`` on several processes:
 - Started by ``torchrun`` (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` in the environment):
   :func:`launch` initialises from the environment (``init_method="env://"``) and calls
   ``main_func`` directly in the current process.
+
+Spawned workers exit within about a second when their launcher dies, even by ``kill -9``
+(:func:`exit_with_parent`), so no orphan trains on and writes checkpoints.
 """
 
 from __future__ import annotations
@@ -17,13 +20,16 @@ import datetime
 import logging
 import os
 import socket
+import sys
+import threading
+import time
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from ..utils.errors import ConfigError
+from ..utils.errors import ConfigError, MdkdError, user_message
 from . import comm
 
 __all__ = ["launch", "create_ddp_model", "find_free_port", "DEFAULT_TIMEOUT"]
@@ -107,16 +113,72 @@ def launch(
         dist_url = f"tcp://127.0.0.1:{find_free_port()}"
     if torch.cuda.is_available() and num_gpus_per_machine > torch.cuda.device_count():
         raise ConfigError(f"--num-gpus {num_gpus_per_machine} > {torch.cuda.device_count()} visible GPUs")
-    mp.spawn(
-        _distributed_worker,
-        nprocs=num_gpus_per_machine,
-        args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, tuple(args), timeout),
-        daemon=False,
-    )
+    try:
+        mp.spawn(
+            _distributed_worker,
+            nprocs=num_gpus_per_machine,
+            args=(main_func, world_size, num_gpus_per_machine, machine_rank, dist_url, tuple(args), timeout,
+                  os.getpid()),
+            daemon=False,
+        )
+    except mp.ProcessExitedException as e:
+        if e.exit_code == _BAD_INPUT_STATUS:
+            raise WorkerReportedError(f"worker process {e.error_index} stopped on bad input") from None
+        raise
+
+
+#: Exit status of a worker that printed a one-line MdkdError (the CLI's "bad input" status).
+_BAD_INPUT_STATUS = 2
+
+
+class WorkerReportedError(MdkdError):
+    """A spawned worker stopped on an :class:`MdkdError` and already printed its one-line
+    message (``error: ...``) on stderr; the CLI exits with status 2 without printing more."""
+
+    reported = True
+
+
+#: Seconds between two checks of the parent-death watchdog (:func:`exit_with_parent`).
+PARENT_POLL_S = 1.0
+
+
+def exit_with_parent(parent_pid: int, poll_s: float = PARENT_POLL_S) -> None:
+    """Make this worker process end when its launcher ``parent_pid`` dies (also by ``kill -9``),
+    instead of training on to the end as an orphan and writing ``model_final.pth``.
+
+    Two mechanisms: on Linux ``prctl(PR_SET_PDEATHSIG, SIGKILL)`` (the kernel kills this process
+    the moment its parent exits; via ``ctypes``), and on every platform a daemon thread that
+    checks ``os.getppid()`` every ``poll_s`` seconds and calls ``os._exit(1)`` once the process
+    was re-parented. Either way the worker is gone within about ``poll_s`` seconds. Checkpoints
+    are written atomically, so a worker killed mid-write leaves no broken file (only a ``*.tmp``,
+    removed on the next start).
+    """
+    if sys.platform.startswith("linux"):
+        try:
+            import ctypes
+            import signal
+
+            libc = ctypes.CDLL(None, use_errno=True)
+            PR_SET_PDEATHSIG = 1
+            libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        except (OSError, AttributeError):  # no libc/prctl: the watchdog below still works
+            pass
+    if os.getppid() != parent_pid:  # the launcher died before the signal was armed
+        os._exit(1)
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent_pid:
+                logger.error("launcher process %d died; worker %d exits", parent_pid, os.getpid())
+                os._exit(1)
+
+    threading.Thread(target=watch, name="mdkd-parent-watchdog", daemon=True).start()
 
 
 def _distributed_worker(local_rank: int, main_func, world_size: int, num_per_machine: int, machine_rank: int,
-                        dist_url: str, args: tuple, timeout: datetime.timedelta) -> None:
+                        dist_url: str, args: tuple, timeout: datetime.timedelta, parent_pid: int) -> None:
+    exit_with_parent(parent_pid)
     global_rank = machine_rank * num_per_machine + local_rank
     comm._LOCAL_RANK, comm._LOCAL_SIZE = local_rank, num_per_machine
     if torch.cuda.is_available():
@@ -129,7 +191,11 @@ def _distributed_worker(local_rank: int, main_func, world_size: int, num_per_mac
     except Exception:
         logger.error("Process group initialisation at %s failed (rank %d)", dist_url, global_rank)
         raise
-    _run_in_group(main_func, args)
+    try:
+        _run_in_group(main_func, args)
+    except MdkdError as e:  # bad input: one line, not a worker traceback through mp.spawn
+        print(f"error: {user_message(e)}", file=sys.stderr, flush=True)
+        sys.exit(_BAD_INPUT_STATUS)
 
 
 def _run_in_group(main_func, args: Sequence[Any]) -> None:

@@ -19,8 +19,15 @@ student            student distilled from the joint teacher (Eq. 24)            
 
 Each stage is an ordinary trainer run on a config delta, in ``OUTPUT_DIR/<stage>/`` (source
 teachers in ``OUTPUT_DIR/source_teacher_<name>/``). A stage whose ``model_final.pth`` and
-``stage_result.json`` exist is skipped (unless in ``PIPELINE.RERUN`` / ``--rerun``); one with
-only a ``last_checkpoint`` resumes exactly. ``OUTPUT_DIR/results.json`` and ``results.md``
+``stage_result.json`` exist is skipped (unless in ``PIPELINE.RERUN`` / ``--rerun``) only if the
+:func:`stage_fingerprint` recorded in its ``stage_result.json`` equals the current one (same
+iterations, schedule, data, seed, input checkpoints...); otherwise it is retrained from scratch
+and the log names the keys that changed. A stage with only a ``last_checkpoint`` resumes exactly
+if ``stage_progress.json`` (written when the stage starts) holds the same fingerprint, else it
+restarts. Starting a stage afresh (also ``--rerun``) first removes its old results, so an
+interrupted rerun is resumed or restarted, never taken as finished. A resumed stage's
+``wall_time_s`` adds up every session (an interrupted session counts until the last file it
+wrote). ``OUTPUT_DIR/results.json`` and ``results.md``
 collect the target-evaluation rows (the task's ``row_metrics``, e.g. AP/AP50 in percent for
 detection) and each stage's wall time.
 
@@ -42,6 +49,7 @@ every ``PIPELINE.VAL_PERIOD`` iterations, keeps ``model_best.pth`` by the task's
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -282,18 +290,38 @@ class PipelineRunner:
         """Train (or skip/resume) one stage and evaluate it on the target; returns its result."""
         out = cfg.OUTPUT_DIR
         result_file = os.path.join(out, "stage_result.json")
+        progress_file = os.path.join(out, "stage_progress.json")
+        fingerprint, fp_config = stage_fingerprint(cfg)
         stage = name.rsplit("/", 1)[-1]  # "seed_<s>/student" -> "student"
-        if self._done(out) and stage not in self.rerun and not (
-                name.startswith("source_teacher") and "source_teachers" in self.rerun):
-            with open(result_file) as f:
-                res = json.load(f)
-            logger.info("[pipeline] %s: finished earlier (%s); skipped", name, out)
-            return res
+        rerun = stage in self.rerun or (stage.startswith("source_teacher") and "source_teachers" in self.rerun)
+        if self._done(out) and not rerun:
+            res = _read_json(result_file)
+            if res.get("fingerprint") == fingerprint:
+                logger.info("[pipeline] %s: finished earlier (%s); skipped", name, out)
+                return res
+            logger.info("[pipeline] %s: finished earlier with another config (%s); retraining",
+                        name, _config_changes(res.get("config"), fp_config))
+        progress = _read_json(progress_file)
+        resume = (not rerun and not self._done(out) and os.path.isfile(os.path.join(out, "last_checkpoint"))
+                  and progress.get("fingerprint") == fingerprint)
+        prior_wall = 0.0
+        if resume:  # earlier sessions: each counts until the last file it wrote
+            prior_wall = float(progress.get("wall_time_s", 0.0)) + max(
+                0.0, _last_write(out) - float(progress.get("session_start", time.time())))
+        else:
+            if os.path.isfile(os.path.join(out, "last_checkpoint")) and not rerun and not self._done(out):
+                logger.info("[pipeline] %s: interrupted run had another config (%s); restarting", name,
+                            _config_changes(progress.get("config"), fp_config))
+            if comm.is_main_process():
+                _clear_stage(out)
+        comm.synchronize()
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, "config.yaml"), "w") as f:
-            f.write(cfg.dump())
-        resume = (os.path.isfile(os.path.join(out, "last_checkpoint"))
-                  and stage not in self.rerun)
+        if comm.is_main_process():
+            with open(os.path.join(out, "config.yaml"), "w") as f:
+                f.write(cfg.dump())
+            atomic_write_text(progress_file, json.dumps({
+                "fingerprint": fingerprint, "wall_time_s": prior_wall, "session_start": time.time(),
+                "config": fp_config}, indent=1))
         logger.info("[pipeline] %s: training %d iterations -> %s%s", name, cfg.SOLVER.MAX_ITER,
                     out, " (resuming)" if resume else "")
         t0 = time.perf_counter()
@@ -312,9 +340,10 @@ class PipelineRunner:
             metrics = results.get(key) if results else None
             if not metrics and cfg.DATASETS.TEST:  # no eval hook ran (resumed at the end): evaluate
                 metrics = trainer.test()[self.eval_dataset][key]
-        wall = time.perf_counter() - t0
+        wall = prior_wall + time.perf_counter() - t0
         res = {**row_values(self.task, metrics),
-               "checkpoint": os.path.abspath(os.path.join(out, checkpoint)), "wall_time_s": wall}
+               "checkpoint": os.path.abspath(os.path.join(out, checkpoint)), "wall_time_s": wall,
+               "fingerprint": fingerprint, "config": fp_config}
         if selected:
             res["selected_by"] = selected
         if comm.is_main_process():
@@ -631,6 +660,83 @@ class PipelineRunner:
         lines += ["", "| Stage | wall time (s) |", "|---|---|"]
         lines += [f"| {k} | {v:.1f} |" for k, v in results["wall_time_s"].items()]
         return "\n".join(lines) + "\n"
+
+
+#: Config keys that do not change a stage's result (logging, workers, paths of the run itself);
+#: ``PIPELINE.*`` is left out too, since :meth:`PipelineRunner.stage_cfg` turns it into the
+#: stage's own keys (``SOLVER.MAX_ITER``, ``FUSION.TEACHERS``, ...).
+FINGERPRINT_IGNORED = ("OUTPUT_DIR", "LOG_PERIOD", "DATALOADER.NUM_WORKERS", "SOLVER.CHECKPOINT_PERIOD",
+                       "TEST.VIS_NUM", "TEST.VIS_SCORE_THRESH", "MODEL.TRUST_CHECKPOINTS", "PIPELINE")
+#: Keys holding input checkpoint paths: the file's size and mtime join the fingerprint, so a stage
+#: reruns when an upstream stage was retrained.
+FINGERPRINT_FILES = ("MODEL.WEIGHTS", "KD.TEACHER_WEIGHTS", "FUSION.TEACHERS", "FUSION.EXTRA_TEACHERS",
+                     "MODEL.RFDETR.PRETRAIN_WEIGHTS", "MODEL.RFDETR.BACKBONE_INIT", "MODEL.HEAD_INIT")
+
+
+def _flatten(node, prefix: str = "") -> Dict[str, object]:
+    out: Dict[str, object] = {}
+    for k, v in node.items():
+        key = f"{prefix}{k}"
+        if hasattr(v, "items"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def stage_fingerprint(cfg: CfgNode):
+    """``(sha256 hex, flat config)`` identifying what a stage computes: every config value
+    (iterations, LR schedule, datasets and limits, seeds, model, KD weights...) except
+    :data:`FINGERPRINT_IGNORED`, plus ``size:mtime_ns`` of each input checkpoint named by
+    :data:`FINGERPRINT_FILES` (``"missing"`` if absent)."""
+    flat = {k: v for k, v in _flatten(cfg).items()
+            if not any(k == i or k.startswith(i + ".") for i in FINGERPRINT_IGNORED)}
+    for key in FINGERPRINT_FILES:
+        paths = flat.get(key)
+        for p in ([paths] if isinstance(paths, str) else paths or []):
+            if p:
+                st = os.stat(p) if os.path.isfile(p) else None
+                flat[f"file:{p}"] = f"{st.st_size}:{st.st_mtime_ns}" if st else "missing"
+    text = json.dumps(flat, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest(), json.loads(text)
+
+
+def _config_changes(old: Optional[dict], new: dict, limit: int = 6) -> str:
+    """``"SOLVER.MAX_ITER: 4 -> 6, ..."`` (for the log)."""
+    if not old:
+        return "no recorded config"
+    keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    parts = [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys[:limit]]
+    return ", ".join(parts + ([f"... {len(keys) - limit} more"] if len(keys) > limit else [])) or "same values"
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+        return data if isinstance(data, dict) else {}
+    except (OSError, ValueError):
+        return {}
+
+
+def _last_write(out: str) -> float:
+    """Latest mtime (s since the epoch) of the files in ``out`` (0 if none)."""
+    times = [e.stat().st_mtime for e in os.scandir(out) if e.is_file()] if os.path.isdir(out) else []
+    return max(times, default=0.0)
+
+
+#: Outputs of an earlier run of a stage, removed before it is trained afresh (stale results must
+#: never be read as this run's: ``model_best`` of another config, appended metrics...).
+_STAGE_OUTPUTS = ("last_checkpoint", "stage_result.json", "stage_progress.json", "model_best.json",
+                  "metrics.json")
+
+
+def _clear_stage(out: str) -> None:
+    if not os.path.isdir(out):
+        return
+    for e in os.scandir(out):
+        if e.is_file() and (e.name in _STAGE_OUTPUTS or e.name.endswith(".pth")):
+            os.remove(e.path)
 
 
 def _mean_sd(values) -> dict:

@@ -34,6 +34,9 @@ class Task:
             better.
         row_metrics: metrics written to each ``results.json`` row, in column order.
         metric_titles: column title of each row metric in ``results.md`` (units included).
+        num_classes_key: config key of the model's class count that bounds the records'
+            annotation ``category_id`` (``[0, NUM_CLASSES)``), checked on the training set before
+            training; ``""`` = no such check.
     """
 
     name: str = ""
@@ -41,6 +44,7 @@ class Task:
     primary_metric: str = ""
     row_metrics: Tuple[str, ...] = ()
     metric_titles: Mapping[str, str] = {}
+    num_classes_key: str = ""
 
     @property
     def best_metric(self) -> str:

@@ -75,6 +75,7 @@ class DetectionTask(Task):
     primary_metric = "AP"
     row_metrics = ("AP", "AP50")
     metric_titles = {"AP": "mAP@[.5:.95]", "AP50": "mAP@.5"}
+    num_classes_key = "MODEL.ROI_HEADS.NUM_CLASSES"
 
     def build_mapper(self, cfg, is_train: bool) -> DatasetMapper:
         """:class:`DatasetMapper` (image [C, H, W] in [0, 1], boxes xyxy px, labels 1..K)."""

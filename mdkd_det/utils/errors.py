@@ -6,7 +6,16 @@ without reading a traceback. Validation happens before training starts wherever 
 
 
 class MdkdError(Exception):
-    """Base class of every error this package raises on purpose."""
+    """Base class of every error this package raises on purpose.
+
+    The message is kept on one line: whitespace runs (newlines included, e.g. from an embedded
+    pydicom or JSON error) are collapsed to single spaces when the error is created.
+    """
+
+    def __init__(self, *args) -> None:
+        if args and isinstance(args[0], str):
+            args = (" ".join(args[0].split()),) + args[1:]
+        super().__init__(*args)
 
 
 class ConfigError(MdkdError, KeyError):
@@ -33,3 +42,20 @@ class RegistryError(MdkdError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0]) if self.args else ""
+
+
+def user_message(e: BaseException) -> str:
+    """The one-line message of ``e`` for the CLI (``error: <message>``).
+
+    A DataLoader worker re-raises an error in the main process with the worker's traceback in
+    its message (``Caught DatasetError in DataLoader worker process 0. Original Traceback ...``,
+    torch ``ExceptionWrapper``); the message is then the text after the traceback's last
+    ``module.Class: `` prefix. Any other message is returned with its whitespace collapsed.
+    """
+    text = " ".join(str(e).split())
+    if "Original Traceback" in text:
+        prefix = f"{type(e).__module__}.{type(e).__name__}: "
+        at = text.rfind(prefix)
+        if at >= 0:
+            text = text[at + len(prefix):]
+    return text

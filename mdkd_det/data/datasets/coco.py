@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any, Dict, List, Mapping, Optional, Sequence
 
@@ -62,6 +63,11 @@ def _load_json(json_file: str) -> dict:
     return data
 
 
+def _is_id(v: Any) -> bool:
+    """A usable COCO id: an int or a string (not bool/float/list/dict/None)."""
+    return isinstance(v, (int, str)) and not isinstance(v, bool)
+
+
 def _kept_categories(data: dict, json_file: str) -> List[dict]:
     """Categories minus unused supercategories, sorted by source id."""
     cats = data.get("categories") or []
@@ -70,12 +76,19 @@ def _kept_categories(data: dict, json_file: str) -> List[dict]:
     for c in cats:
         if not isinstance(c, dict) or "id" not in c or "name" not in c:
             raise DatasetError(f"{json_file}: category without id/name: {c!r}")
-    used = {a.get("category_id") for a in data.get("annotations") or [] if isinstance(a, dict)}
-    supers = {c.get("supercategory") for c in cats}
+        if not _is_id(c["id"]) or not isinstance(c["name"], str):
+            raise DatasetError(f"{json_file}: category id must be an int or string and name a string: {c!r}")
+    anns = data.get("annotations") or []
+    if not isinstance(anns, list):
+        raise DatasetError(f"{json_file}: 'annotations' must be a list")
+    used = {a.get("category_id") for a in anns if isinstance(a, dict) and _is_id(a.get("category_id"))}
+    supers = {c.get("supercategory") for c in cats if isinstance(c.get("supercategory"), str)}
     kept = [c for c in cats if c["id"] in used or c["name"] not in supers]
     ids = [c["id"] for c in kept]
     if len(set(ids)) != len(ids):
-        raise DatasetError(f"{json_file}: duplicate category ids {sorted(ids)}")
+        raise DatasetError(f"{json_file}: duplicate category ids {sorted(map(str, ids))}")
+    if len({type(i) for i in ids}) > 1:
+        raise DatasetError(f"{json_file}: category ids mix integers and strings: {ids}")
     return sorted(kept, key=lambda c: c["id"])
 
 
@@ -103,8 +116,9 @@ def load_coco_json(
 
     Raises:
         DatasetError: JSON missing or unreadable; not COCO or without images ("empty COCO JSON");
-            image without id/file_name/height/width; duplicate image id; annotation referring
-            to an unknown image or category; bbox that is not 4 numbers.
+            image without id/file_name/height/width; ids that are not ints or strings; duplicate
+            image id; annotation referring to an unknown image or category; bbox that is not 4
+            finite numbers.
 
     Source: the COCO format (cocodataset.org/#format-data); detectron2's ``load_coco_json``
     behaviour for ids and metadata (re-implemented).
@@ -123,11 +137,14 @@ def load_coco_json(
     for img in data["images"]:
         if not isinstance(img, dict) or any(k not in img for k in ("id", "file_name")):
             raise DatasetError(f"{json_file}: image entry without id/file_name: {img!r}")
+        if not _is_id(img["id"]) or not isinstance(img["file_name"], str) or not img["file_name"]:
+            raise DatasetError(f"{json_file}: image id must be an int or string and file_name a "
+                               f"non-empty string: {img!r}")
         if img["id"] in by_id:
             raise DatasetError(f"{json_file}: duplicate image id {img['id']!r}")
         try:
             h, w = int(img["height"]), int(img["width"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):
             raise DatasetError(
                 f"{json_file}: image id {img['id']!r} ({img['file_name']}) needs integer "
                 "'height' and 'width'"
@@ -146,8 +163,8 @@ def load_coco_json(
     n_crowd = 0
     for ann in data.get("annotations") or []:
         aid = ann.get("id") if isinstance(ann, dict) else None
-        if not isinstance(ann, dict) or "image_id" not in ann:
-            raise DatasetError(f"{json_file}: annotation without image_id: {ann!r}")
+        if not isinstance(ann, dict) or not _is_id(ann.get("image_id")):
+            raise DatasetError(f"{json_file}: annotation without an int or string image_id: {ann!r}")
         rec = by_id.get(ann["image_id"])
         if rec is None:
             raise DatasetError(
@@ -157,7 +174,7 @@ def load_coco_json(
             n_crowd += 1
             continue
         cid = ann.get("category_id")
-        if cid not in id_map:
+        if not _is_id(cid) or cid not in id_map:
             raise DatasetError(
                 f"{json_file}: annotation id {aid!r} has unknown category_id {cid!r} "
                 f"(categories: {sorted(id_map)})"
@@ -165,10 +182,12 @@ def load_coco_json(
         bbox = ann.get("bbox")
         try:
             x, y, bw, bh = (float(v) for v in bbox)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             raise DatasetError(
                 f"{json_file}: annotation id {aid!r} bbox must be [x, y, w, h], got {bbox!r}"
             ) from None
+        if not all(math.isfinite(v) for v in (x, y, x + bw, y + bh)):
+            raise DatasetError(f"{json_file}: annotation id {aid!r} has a non-finite bbox {bbox!r}")
         rec["annotations"].append({"bbox": [x, y, x + bw, y + bh], "category_id": id_map[cid]})
     if n_crowd:
         logger.warning("%s: dropped %d crowd annotation(s) (iscrowd=1)", json_file, n_crowd)

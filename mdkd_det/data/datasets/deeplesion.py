@@ -34,6 +34,8 @@ with the :mod:`csv` module.
 from __future__ import annotations
 
 import csv
+import io
+import math
 import os
 import re
 from typing import Dict, List, Optional, Sequence
@@ -83,6 +85,8 @@ def _numbers(text: str, n: int, where: str, col: str) -> List[float]:
         vals = [float(v) for v in text.split(",")]
     except ValueError:
         raise DatasetError(f"{where}, column {col}: not numbers: {text!r}") from None
+    if not all(math.isfinite(v) for v in vals):
+        raise DatasetError(f"{where}, column {col}: non-finite number in {text!r}")
     if len(vals) != n:
         raise DatasetError(f"{where}, column {col}: expected {n} comma-separated numbers, got {text!r}")
     return vals
@@ -91,11 +95,25 @@ def _numbers(text: str, n: int, where: str, col: str) -> List[float]:
 def _int(text: str, where: str, col: str, allowed: Optional[Sequence[int]] = None) -> int:
     try:
         v = int(float(text))
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise DatasetError(f"{where}, column {col}: not an integer: {text!r}") from None
     if allowed is not None and v not in allowed:
         raise DatasetError(f"{where}, column {col}: {v} not in {sorted(allowed)}")
     return v
+
+
+def _rows(reader: "csv.DictReader", csv_file: str):
+    """``(row number counted from the header as 1, row)``; a CSV syntax error -> DatasetError."""
+    rownum = 1
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DatasetError(f"{csv_file}, row {rownum + 1}: malformed CSV ({e})") from e
+        rownum += 1
+        yield rownum, row
 
 
 def load_deeplesion(
@@ -128,9 +146,9 @@ def load_deeplesion(
         ``[{"bbox": [x1, y1, x2, y2] px, "category_id": 0, "lesion_type": int}]``.
 
     Raises:
-        DatasetError: missing CSV; missing columns; malformed row (message: CSV path, row
-            number counted from the header as row 1, column); bad ``split``; missing image with
-            ``check_images``.
+        DatasetError: missing CSV; not UTF-8; missing columns; malformed row or CSV syntax, or
+            a non-finite number (message: CSV path, row number counted from the header as row
+            1, column); bad ``split``; missing image with ``check_images``.
     """
     if split is not None and split not in SPLITS:
         raise DatasetError(f"DeepLesion split must be None or one of {sorted(SPLITS)}, got {split!r}")
@@ -140,63 +158,71 @@ def load_deeplesion(
 
     by_key: Dict[str, dict] = {}
     order: List[str] = []
-    with open(csv_file, "r", newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in DL_INFO_COLUMNS if c not in (reader.fieldnames or [])]
-        if missing:
-            raise DatasetError(f"{csv_file}: missing column(s) {missing} (header: {reader.fieldnames})")
-        for rownum, row in enumerate(reader, start=2):
-            where = f"{csv_file}, row {rownum}"
-            fname = (row.get("File_name") or "").strip()
-            m = _FILE_RE.match(fname)
-            if m is None:
-                raise DatasetError(f"{where}, column File_name: not <P>_<S>_<Se>_<slice>.png: {fname!r}")
-            patient = _int(row["Patient_index"], where, "Patient_index")
-            if patient != int(m.group(1)):
-                raise DatasetError(
-                    f"{where}, column Patient_index: {patient} does not match File_name {fname}"
-                )
-            box = _numbers(row["Bounding_boxes"] or "", 4, where, "Bounding_boxes")
-            if box[2] < box[0] or box[3] < box[1]:
-                raise DatasetError(f"{where}, column Bounding_boxes: x2 < x1 or y2 < y1: {box}")
-            ltype = _int(row["Coarse_lesion_type"], where, "Coarse_lesion_type", [-1, *LESION_TYPES])
-            noisy = _int(row["Possibly_noisy"], where, "Possibly_noisy", [0, 1])
-            sp = _int(row["Train_Val_Test"], where, "Train_Val_Test", [1, 2, 3])
-            width, height = (int(v) for v in _numbers(row["Image_size"] or "", 2, where, "Image_size"))
-            if width <= 0 or height <= 0:
-                raise DatasetError(f"{where}, column Image_size: must be positive, got {width}, {height}")
-            wmin, wmax = _numbers(row["DICOM_windows"] or "", 2, where, "DICOM_windows")
-            if wmax <= wmin:
-                raise DatasetError(f"{where}, column DICOM_windows: max <= min: {wmin}, {wmax}")
-
-            if split is not None and sp != SPLITS[split]:
-                continue
-            if types is not None and ltype not in types:
-                continue
-            if drop_noisy and noisy:
-                continue
-            key = fname[: -len(".png")]
-            rec = by_key.get(key)
-            if rec is None:
-                rec = {
-                    "file_name": deeplesion_image_path(image_root, fname),
-                    "height": height,
-                    "width": width,
-                    "image_id": key,
-                    "reader": "png16_hu",
-                    "patient_id": str(patient),
-                    "series_id": "_".join(m.group(1, 2, 3)),
-                    "annotations": [],
-                }
-                dicom_window = ((wmin + wmax) / 2.0, wmax - wmin)
-                rec["dicom_window"] = dicom_window
-                if use_dicom_window:
-                    rec["window"] = dicom_window
-                by_key[key] = rec
-                order.append(key)
-            rec["annotations"].append(
-                {"bbox": [float(v) for v in box], "category_id": 0, "lesion_type": ltype}
+    try:
+        with open(csv_file, "r", newline="", encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{csv_file}: not UTF-8 text ({e})") from e
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    try:
+        header = reader.fieldnames or []
+    except csv.Error as e:
+        raise DatasetError(f"{csv_file}, row 1: malformed CSV header ({e})") from e
+    missing = [c for c in DL_INFO_COLUMNS if c not in header]
+    if missing:
+        raise DatasetError(f"{csv_file}: missing column(s) {missing} (header: {reader.fieldnames})")
+    for rownum, row in _rows(reader, csv_file):
+        where = f"{csv_file}, row {rownum}"
+        fname = (row.get("File_name") or "").strip()
+        m = _FILE_RE.match(fname)
+        if m is None:
+            raise DatasetError(f"{where}, column File_name: not <P>_<S>_<Se>_<slice>.png: {fname!r}")
+        patient = _int(row["Patient_index"], where, "Patient_index")
+        if patient != int(m.group(1)):
+            raise DatasetError(
+                f"{where}, column Patient_index: {patient} does not match File_name {fname}"
             )
+        box = _numbers(row["Bounding_boxes"] or "", 4, where, "Bounding_boxes")
+        if box[2] < box[0] or box[3] < box[1]:
+            raise DatasetError(f"{where}, column Bounding_boxes: x2 < x1 or y2 < y1: {box}")
+        ltype = _int(row["Coarse_lesion_type"], where, "Coarse_lesion_type", [-1, *LESION_TYPES])
+        noisy = _int(row["Possibly_noisy"], where, "Possibly_noisy", [0, 1])
+        sp = _int(row["Train_Val_Test"], where, "Train_Val_Test", [1, 2, 3])
+        width, height = (int(v) for v in _numbers(row["Image_size"] or "", 2, where, "Image_size"))
+        if width <= 0 or height <= 0:
+            raise DatasetError(f"{where}, column Image_size: must be positive, got {width}, {height}")
+        wmin, wmax = _numbers(row["DICOM_windows"] or "", 2, where, "DICOM_windows")
+        if wmax <= wmin:
+            raise DatasetError(f"{where}, column DICOM_windows: max <= min: {wmin}, {wmax}")
+
+        if split is not None and sp != SPLITS[split]:
+            continue
+        if types is not None and ltype not in types:
+            continue
+        if drop_noisy and noisy:
+            continue
+        key = fname[: -len(".png")]
+        rec = by_key.get(key)
+        if rec is None:
+            rec = {
+                "file_name": deeplesion_image_path(image_root, fname),
+                "height": height,
+                "width": width,
+                "image_id": key,
+                "reader": "png16_hu",
+                "patient_id": str(patient),
+                "series_id": "_".join(m.group(1, 2, 3)),
+                "annotations": [],
+            }
+            dicom_window = ((wmin + wmax) / 2.0, wmax - wmin)
+            rec["dicom_window"] = dicom_window
+            if use_dicom_window:
+                rec["window"] = dicom_window
+            by_key[key] = rec
+            order.append(key)
+        rec["annotations"].append(
+            {"bbox": [float(v) for v in box], "category_id": 0, "lesion_type": ltype}
+        )
 
     records = [by_key[k] for k in order]
     if check_images:

@@ -28,6 +28,7 @@ Source: Li P. et al., "A Large-Scale CT and PET/CT Dataset for Lung Cancer Diagn
 
 from __future__ import annotations
 
+import math
 import os
 import xml.etree.ElementTree as ET
 from typing import Dict, List, Optional, Tuple
@@ -111,9 +112,12 @@ def _xml_float(obj: ET.Element, tag: str, xml_file: str) -> float:
     if node is None or node.text is None:
         raise DatasetError(f"{xml_file}: <object> without <bndbox><{tag}>")
     try:
-        return float(node.text.strip())
+        v = float(node.text.strip())
     except ValueError:
         raise DatasetError(f"{xml_file}: <{tag}> is not a number: {node.text!r}") from None
+    if not math.isfinite(v):
+        raise DatasetError(f"{xml_file}: <{tag}> is not a finite number: {node.text!r}")
+    return v
 
 
 def _parse_xml(xml_file: str) -> Tuple[Optional[Tuple[int, int]], List[Tuple[str, List[float]]]]:
@@ -127,7 +131,7 @@ def _parse_xml(xml_file: str) -> Tuple[Optional[Tuple[int, int]], List[Tuple[str
     if w_node is not None and h_node is not None and w_node.text and h_node.text:
         try:
             size = (int(float(w_node.text)), int(float(h_node.text)))
-        except ValueError:
+        except (ValueError, OverflowError):
             raise DatasetError(f"{xml_file}: <size> is not numeric") from None
     objects = []
     for obj in root.findall("object"):

@@ -44,6 +44,7 @@ def check_records(
     keep_empty: bool = True,
     check_files: bool = True,
     num_classes: Optional[int] = None,
+    num_classes_key: str = "",
 ) -> List[dict]:
     """Validate and clean records (see the module docstring for every rule).
 
@@ -55,6 +56,7 @@ def check_records(
         keep_empty: keep records without boxes (config ``DATASETS.KEEP_EMPTY``).
         check_files: check that every ``file_name`` exists.
         num_classes: if given, category ids must be in ``[0, num_classes)``.
+        num_classes_key: config key of ``num_classes``, named in the message.
 
     Returns:
         New list of (shallow-copied) records with clipped boxes and degenerate boxes removed.
@@ -92,7 +94,8 @@ def check_records(
             if num_classes is not None:
                 c = ann.get("category_id")
                 if not isinstance(c, int) or not 0 <= c < num_classes:
-                    raise DatasetError(f"{where}: category_id {c!r} not in [0, {num_classes})")
+                    hint = f" (the model has {num_classes} classes: {num_classes_key})" if num_classes_key else ""
+                    raise DatasetError(f"{where}: category_id {c!r} not in [0, {num_classes}){hint}")
             if x1 < 0 or y1 < 0 or x2 > w or y2 > h:
                 if box_policy == "error":
                     raise DatasetError(

@@ -203,10 +203,7 @@ def group_kd(args) -> dict:
     t = _interleave({"kd": kd_step, "student": plain_step, "teacher": teacher_forward},
                     args["iters"], args["warmup"])
     # inference latency: the KD-trained student (taps gone) vs a plain model, 1 image
-    student.eval(), baseline.eval()
-    from mdkd_det.modeling.meta_arch.faster_rcnn import set_test_size
-
-    set_test_size(student, cfg, train=False), set_test_size(baseline, cfg, train=False)
+    student.eval(), baseline.eval()  # eval mode = test size (TrainTestResizeTransform)
     img = [batch[0]["image"]]
     with torch.inference_mode():
         lat = _interleave({"student": lambda: student(img), "baseline": lambda: baseline(img)},

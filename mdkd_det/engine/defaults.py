@@ -22,7 +22,7 @@ import torch
 
 from ..config import CfgNode, get_cfg
 from ..data.build import build_detection_train_loader, get_dataset_records
-from ..modeling.registry import DETECTOR_REGISTRY
+from ..modeling.build import build_model  # noqa: F401  (re-exported: engine.defaults.build_model)
 from ..solver import build_lr_scheduler, build_optimizer
 from ..tasks import get_task
 from ..utils.errors import ConfigError
@@ -141,18 +141,6 @@ def seed_all_rng(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_model(cfg: CfgNode, backbone=None) -> torch.nn.Module:
-    """Build ``MODEL.META_ARCHITECTURE`` on ``MODEL.DEVICE``.
-
-    Raises:
-        RegistryError: unknown detector or backbone name (lists registered names).
-    """
-    from ..modeling import meta_arch  # noqa: F401  (register built-ins)
-
-    model = DETECTOR_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg, backbone=backbone)
-    return model.to(torch.device(cfg.MODEL.DEVICE))
 
 
 def do_test(cfg: CfgNode, model: torch.nn.Module, output_dir: Optional[str] = None) -> Dict[str, dict]:

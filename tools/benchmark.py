@@ -287,8 +287,16 @@ def _run_group(name: str, args: dict) -> dict:
     return value
 
 
+BENCHMARK_EXAMPLES = """examples:
+  tools/benchmark.py --json                              # Faster R-CNN demo config, every group
+  tools/benchmark.py --detector rfdetr --json            # the same keys for RF-DETR
+  tools/benchmark.py --groups dataset_specific,eval --iters 4  # two groups, fewer iterations
+"""
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=BENCHMARK_EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--detector", choices=sorted(DETECTOR_CONFIGS), default="faster_rcnn",
                    help="detector family; picks its demo config unless --config-file is given")
     p.add_argument("--config-file", default=None, help="default: the --detector's demo config")

@@ -103,22 +103,27 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
 def reader_for_path(path: str) -> str:
     """The reader name (:data:`READERS`) for an image file, from its name and first bytes.
 
-    Rules: ``.dcm``/``.dicom``/``.ima`` -> ``"dicom"``; a PNG whose IHDR bit depth is 16 ->
-    ``"png16_hu"`` (DeepLesion convention, HU = value - 32768); other JPEG/PNG/BMP/TIFF ->
-    ``"image"``; any other name whose bytes 128-131 are ``DICM`` (a DICOM file without
-    extension, as series folders often hold) -> ``"dicom"``; else ``"image"`` (decoding then
-    fails with a :class:`DatasetError` naming the file).
+    Rules: ``.dcm``/``.dicom``/``.ima`` -> ``"dicom"``; ``.jpg``/``.jpeg`` (and other 8-bit
+    formats) -> ``"image"``; a PNG whose IHDR bit depth is 16 -> ``"png16_hu"`` (DeepLesion
+    convention, HU = value - 32768), other PNGs -> ``"image"``; any other name whose bytes
+    128-131 are ``DICM`` (a DICOM file without extension, as series folders often hold) ->
+    ``"dicom"``; else ``"image"``. Only PNGs and unknown extensions are opened (132 bytes). A
+    missing file is classified by its extension; reading it then raises
+    :class:`DatasetError` naming it.
 
-    Raises:
-        DatasetError: the file does not exist.
+    Used by :class:`~mdkd_det.engine.DefaultPredictor` and the ``coco:`` loader, so a COCO JSON
+    may list DICOM and 16-bit PNG files (as ``tools/convert_to_coco.py`` writes them).
     """
-    if not path or not os.path.isfile(path):
-        raise DatasetError(f"image file not found: {path}")
     ext = os.path.splitext(path)[1].lower()
     if ext in DICOM_EXTENSIONS:
         return "dicom"
-    with open(path, "rb") as f:
-        head = f.read(132)
+    if ext in IMAGE_EXTENSIONS and ext != ".png":
+        return "image"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return "image"
     if head[:8] == _PNG_SIGNATURE:
         return "png16_hu" if len(head) > 24 and head[24] == 16 else "image"
     if ext in IMAGE_EXTENSIONS:

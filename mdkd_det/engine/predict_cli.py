@@ -55,6 +55,8 @@ EXAMPLES = """examples:
   tools/predict.py --config-file configs/LungCT/faster_rcnn_R18_FPN_demo.yaml \\
       --weights model_final.pth --input 'slices/*.jpg' --batch-size 8 --score-thresh 0.3 \\
       --opts MODEL.DEVICE cpu
+
+environment: MDKD_NUM_THREADS=1 sets torch's CPU threads (one thread is fastest on a busy machine).
 """
 
 _GLOB_CHARS = "*?["

@@ -60,6 +60,9 @@ def link_detections(per_slice: Sequence[Dict[str, torch.Tensor]], iou_thresh: fl
         scores = np.asarray(det["scores"], dtype=np.float64).reshape(-1)
         labels = np.asarray(det["labels"], dtype=np.int64).reshape(-1)
         open_ = [c for c in cands if z - c["slices"][-1] <= int(max_gap) + 1]
+        # IoU of every detection with every open candidate's last box, in one call
+        last = torch.tensor([c["boxes"][-1] for c in open_], dtype=torch.float32).reshape(-1, 4)
+        ious = box_iou(boxes, last).numpy() if len(open_) and len(boxes) else np.zeros((len(boxes), 0))
         taken = set()
         for i in np.argsort(-scores, kind="stable"):
             if scores[i] < score_thresh:
@@ -68,9 +71,8 @@ def link_detections(per_slice: Sequence[Dict[str, torch.Tensor]], iou_thresh: fl
             for k, c in enumerate(open_):
                 if k in taken or c["label"] != int(labels[i]):
                     continue
-                iou = float(box_iou(boxes[i:i + 1], torch.tensor([c["boxes"][-1]]))[0, 0])
-                if iou >= best_iou:
-                    best, best_iou = k, iou
+                if float(ious[i, k]) >= best_iou:
+                    best, best_iou = k, float(ious[i, k])
             box = [float(v) for v in boxes[i]]
             if best is None:
                 cands.append({"label": int(labels[i]), "slices": [z], "boxes": [box],

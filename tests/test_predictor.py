@@ -122,9 +122,8 @@ def test_distilled_student_equals_evaluator(frcnn, tmp_path):
                                         "KD.TEACHER_CONFIG": str(weights.parent / "config.yaml"),
                                         "KD.TEACHER_WEIGHTS": str(weights)})
     (weights.parent / "config.yaml").write_text(cfg.dump())
-    from mdkd_det.engine.defaults import default_setup
-
-    default_setup(scfg)
+    out.mkdir()
+    (out / "config.yaml").write_text(scfg.dump())
     KDTrainer(scfg).train()
     student = out / "model_student.pth"
     sd = torch.load(student, map_location="cpu", weights_only=True)["model"]

@@ -97,7 +97,23 @@ def test_help_of_every_tool_has_examples(tmp_path):
         assert "examples" in out.lower(), t
 
 
-def test_eval_only_refuses_without_weights_and_resume_evaluates_last(tmp_path, data_root, capsys):
+@pytest.fixture
+def restore_root_logging():
+    """default_setup (called by the CLI) adds root handlers bound to pytest's captured streams;
+    remove them afterwards so later tests do not write to closed files."""
+    import logging
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield
+    for h in list(root.handlers):
+        if h not in before:
+            root.removeHandler(h)
+            h.close()
+
+
+def test_eval_only_refuses_without_weights_and_resume_evaluates_last(tmp_path, data_root, capsys,
+                                                                     restore_root_logging):
     from mdkd_det.engine.cli import main, run
     from mdkd_det.engine.defaults import default_argument_parser
 

@@ -5,7 +5,8 @@ PY := $(VENV)/bin/python
 export HF_HUB_OFFLINE := 1
 export NO_ALBUMENTATIONS_UPDATE := 1
 export MDKD_DATASETS ?= $(abspath ../shared/data)
-DEMO_CONFIG ?= configs/LungCT/faster_rcnn_R18_FPN_demo.yaml
+# `make demo`: the MDKD pipeline, every stage (README); DEMO_CONFIG=... runs another config
+DEMO_CONFIG ?= configs/LungCT/mdkd_faster_rcnn_R18_demo.yaml
 
 .PHONY: setup demo test test-all benchmark
 

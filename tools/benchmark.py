@@ -203,10 +203,7 @@ def group_kd(args) -> dict:
     t = _interleave({"kd": kd_step, "student": plain_step, "teacher": teacher_forward},
                     args["iters"], args["warmup"])
     # inference latency: the KD-trained student (taps gone) vs a plain model, 1 image
-    student.eval(), baseline.eval()
-    from mdkd_det.modeling.meta_arch.faster_rcnn import set_test_size
-
-    set_test_size(student, cfg, train=False), set_test_size(baseline, cfg, train=False)
+    student.eval(), baseline.eval()  # eval mode = test size (TrainTestResizeTransform)
     img = [batch[0]["image"]]
     with torch.inference_mode():
         lat = _interleave({"student": lambda: student(img), "baseline": lambda: baseline(img)},
@@ -290,8 +287,16 @@ def _run_group(name: str, args: dict) -> dict:
     return value
 
 
+BENCHMARK_EXAMPLES = """examples:
+  tools/benchmark.py --json                              # Faster R-CNN demo config, every group
+  tools/benchmark.py --detector rfdetr --json            # the same keys for RF-DETR
+  tools/benchmark.py --groups dataset_specific,eval --iters 4  # two groups, fewer iterations
+"""
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog=BENCHMARK_EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--detector", choices=sorted(DETECTOR_CONFIGS), default="faster_rcnn",
                    help="detector family; picks its demo config unless --config-file is given")
     p.add_argument("--config-file", default=None, help="default: the --detector's demo config")

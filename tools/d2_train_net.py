@@ -3,7 +3,7 @@
 ``tools/train_net.py`` conventions: ``--config-file``, ``--eval-only``, ``--num-gpus``,
 ``--resume``, trailing ``KEY VALUE`` opts). Needs detectron2 (see README, "detectron2").
 
-The MDKD flow on LungCT (README "detectron2" section)::
+Examples: the MDKD flow on LungCT (README "detectron2" section)::
 
     # 1. teachers: a detectron2 target teacher (and/or our Stage-1 teachers, tools/train_net.py)
     tools/d2_train_net.py --config-file configs/Detectron2/faster_rcnn_R18_FPN_lungct.yaml
@@ -28,15 +28,26 @@ import time
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
-from detectron2.config import get_cfg  # noqa: E402
-from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
-from detectron2.evaluation import verify_results  # noqa: E402
-from detectron2.utils import comm  # noqa: E402
-from detectron2.utils.logger import setup_logger  # noqa: E402
+try:
+    from detectron2.checkpoint import DetectionCheckpointer  # noqa: E402
+    from detectron2.config import get_cfg  # noqa: E402
+    from detectron2.engine import default_argument_parser, default_setup, launch  # noqa: E402
+    from detectron2.evaluation import verify_results  # noqa: E402
+    from detectron2.utils import comm  # noqa: E402
+    from detectron2.utils.logger import setup_logger  # noqa: E402
 
-from mdkd_det.d2 import MDKDTrainer, add_mdkd_config, register_mdkd_datasets  # noqa: E402
-from mdkd_det.d2.config import merge_d2_file  # noqa: E402
+    from mdkd_det.d2 import MDKDTrainer, add_mdkd_config, register_mdkd_datasets  # noqa: E402
+    from mdkd_det.d2.config import merge_d2_file  # noqa: E402
+except ImportError as _e:  # detectron2 is optional and not on PyPI: one line, not a traceback
+    if __name__ == "__main__":
+        if any(a in ("-h", "--help") for a in sys.argv[1:]):
+            print(__doc__)
+            sys.exit(0)
+        print(f"d2_train_net: error: detectron2 is not importable ({_e}); install it from source "
+              "(README, 'detectron2 (optional)'), or run the same MDKD without it: tools/train_net.py",
+              file=sys.stderr)
+        sys.exit(2)
+    raise
 
 logger = logging.getLogger("mdkd_det.tools.d2_train_net")
 

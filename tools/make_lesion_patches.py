@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Crop the lesion-patch classification dataset from the three shared detection sets.
 
-Usage::
+Examples::
 
     python tools/make_lesion_patches.py --out /tmp/lesion_patches
     python tools/make_lesion_patches.py --config-file configs/LesionPatch/mdkd_effnet_demo.yaml \\

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """t-SNE of a baseline's and a student's embeddings with silhouette scores (paper Fig. 6, C44).
 
-Usage::
+Examples::
 
     # classification: penultimate embeddings by class (lesion / no lesion)
     python tools/visualize_embeddings.py --task classification \\

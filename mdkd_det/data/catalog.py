@@ -54,6 +54,8 @@ class _DatasetCatalog:
                 the loader raises for bad input.
         """
         if name not in self._funcs:
+            _ensure_builtin()
+        if name not in self._funcs:
             from .datasets.coco import maybe_register_coco_spec
 
             if not maybe_register_coco_spec(name):
@@ -64,7 +66,8 @@ class _DatasetCatalog:
         return self._funcs[name]()
 
     def list(self) -> List[str]:
-        """Registered names, sorted."""
+        """Registered names (the built-ins included), sorted."""
+        _ensure_builtin()
         return sorted(self._funcs)
 
     def remove(self, name: str) -> None:
@@ -74,6 +77,16 @@ class _DatasetCatalog:
 
     def __contains__(self, name: str) -> bool:
         return name in self._funcs
+
+
+def _ensure_builtin() -> None:
+    """Register the built-in names under ``$MDKD_DATASETS`` on first use, unless some are
+    registered already (by :func:`~mdkd_det.data.datasets.register_builtin` with a config's
+    root, or by the user). Registration reads no file."""
+    from .datasets.builtin import BUILTIN_NAMES, register_builtin
+
+    if not any(n in DatasetCatalog for n in BUILTIN_NAMES):
+        register_builtin()
 
 
 class Metadata(types.SimpleNamespace):

@@ -31,7 +31,8 @@ import numpy as np
 
 from ..utils.errors import DatasetError
 
-__all__ = ["DEFAULT_WINDOW", "READERS", "hu_to_unit", "read_hu", "read_image", "resolve_window"]
+__all__ = ["DEFAULT_WINDOW", "READERS", "hu_to_unit", "read_hu", "read_image", "reader_for_path",
+           "resolve_window"]
 
 #: Lung window (level, width) in HU: WL -600 / WW 1500 -> [-1350, 150] HU (paper_notes A23).
 DEFAULT_WINDOW: Tuple[float, float] = (-600.0, 1500.0)
@@ -91,6 +92,43 @@ def resolve_window(
             f"got {chosen!r}"
         ) from None
     return level, width
+
+
+#: File-name endings read as DICOM by :func:`reader_for_path`.
+DICOM_EXTENSIONS = (".dcm", ".dicom", ".ima")
+#: File-name endings read as 8-bit images (PNG is checked for 16 bit first).
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff")
+
+
+def reader_for_path(path: str) -> str:
+    """The reader name (:data:`READERS`) for an image file, from its name and first bytes.
+
+    Rules: ``.dcm``/``.dicom``/``.ima`` -> ``"dicom"``; ``.jpg``/``.jpeg`` (and other 8-bit
+    formats) -> ``"image"``; a PNG whose IHDR bit depth is 16 -> ``"png16_hu"`` (DeepLesion
+    convention, HU = value - 32768), other PNGs -> ``"image"``; any other name whose bytes
+    128-131 are ``DICM`` (a DICOM file without extension, as series folders often hold) ->
+    ``"dicom"``; else ``"image"``. Only PNGs and unknown extensions are opened (132 bytes). A
+    missing file is classified by its extension; reading it then raises
+    :class:`DatasetError` naming it.
+
+    Used by :class:`~mdkd_det.engine.DefaultPredictor` and the ``coco:`` loader, so a COCO JSON
+    may list DICOM and 16-bit PNG files (as ``tools/convert_to_coco.py`` writes them).
+    """
+    ext = os.path.splitext(path)[1].lower()
+    if ext in DICOM_EXTENSIONS:
+        return "dicom"
+    if ext in IMAGE_EXTENSIONS and ext != ".png":
+        return "image"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(132)
+    except OSError:
+        return "image"
+    if head[:8] == _PNG_SIGNATURE:
+        return "png16_hu" if len(head) > 24 and head[24] == 16 else "image"
+    if ext in IMAGE_EXTENSIONS:
+        return "image"
+    return "dicom" if head[128:132] == b"DICM" else "image"
 
 
 def _read_bytes(path: str) -> np.ndarray:

@@ -52,6 +52,12 @@ class DatasetMapper:
             window = tuple(record["dicom_window"])
         return read_image(record, window=window)
 
+    def image_tensor(self, img: np.ndarray) -> torch.Tensor:
+        """Grey image [H, W] in [0, 1] -> FloatTensor[C, H, W] (replicated to ``INPUT.CHANNELS``,
+        a view: no copy per channel)."""
+        image = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None]
+        return image.expand(self.channels, -1, -1)
+
     def __call__(self, record: dict, seed: Optional[int] = None) -> dict:
         img = self.read(record)
         anns = record.get("annotations", [])
@@ -67,8 +73,7 @@ class DatasetMapper:
             img = out["image"]
             boxes = np.asarray(out["bboxes"], dtype=np.float32).reshape(-1, 4)
             labels = np.asarray(out["labels"], dtype=np.int64)
-        image = torch.from_numpy(np.ascontiguousarray(img, dtype=np.float32))[None]
-        image = image.expand(self.channels, -1, -1)
+        image = self.image_tensor(img)
         target = {
             "boxes": torch.from_numpy(boxes),
             "labels": torch.from_numpy(labels) + 1,

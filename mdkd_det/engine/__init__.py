@@ -1,7 +1,10 @@
 """Generic training engine (detectron2 style): trainer loop, hooks, events, checkpoints,
 multi-process launch. Knows nothing about datasets or model families.
 
-Config-driven glue (``DefaultTrainer``, CLI helpers) lives in :mod:`mdkd_det.engine.defaults`.
+Config-driven glue (``DefaultTrainer``, CLI helpers) lives in :mod:`mdkd_det.engine.defaults`,
+``DefaultPredictor`` in :mod:`mdkd_det.engine.predictor`; both are importable from here
+(``from mdkd_det.engine import DefaultTrainer, DefaultPredictor``), loaded on first use because
+they import the data and task layers, which import this package.
 """
 
 from . import comm
@@ -47,4 +50,22 @@ __all__ = [
     "create_ddp_model",
     "TrainerBase",
     "SimpleTrainer",
+    "DefaultTrainer",
+    "DefaultPredictor",
+    "build_model",
+    "do_test",
+    "default_argument_parser",
+    "default_setup",
 ]
+
+_LAZY = {"DefaultTrainer": "defaults", "build_model": "defaults", "do_test": "defaults",
+         "default_argument_parser": "defaults", "default_setup": "defaults",
+         "DefaultPredictor": "predictor"}
+
+
+def __getattr__(name):  # PEP 562: config-level glue, imported on first use (no import cycle)
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -23,7 +23,7 @@ import torch
 from ..config import CfgNode, get_cfg
 from ..config.validate import validate_config
 from ..data.build import build_detection_train_loader, get_dataset_records
-from ..modeling.registry import DETECTOR_REGISTRY
+from ..modeling.build import build_model  # noqa: F401  (re-exported: engine.defaults.build_model)
 from ..solver import build_lr_scheduler, build_optimizer
 from ..tasks import get_task
 from ..utils.errors import ConfigError
@@ -36,16 +36,33 @@ from .trainer import SimpleTrainer
 logger = logging.getLogger("mdkd_det")
 
 
-def default_argument_parser(description: str = "mdkd_det training") -> argparse.ArgumentParser:
+TRAIN_NET_EXAMPLES = """examples:
+  # train one detector (a model-zoo config), then evaluate it on DATASETS.TEST
+  tools/train_net.py --config-file configs/LungCT/faster_rcnn_R18_FPN_demo.yaml SOLVER.MAX_ITER 2000
+  # the MDKD pipeline, every stage; or one stage
+  tools/train_net.py --config-file configs/LungCT/mdkd_faster_rcnn_R18_demo.yaml
+  tools/train_net.py --config-file configs/LungCT/mdkd_faster_rcnn_R18_demo.yaml --stage student
+  # resume an interrupted run exactly
+  tools/train_net.py --config-file CFG --resume
+  # evaluate a checkpoint (or, with --resume instead of MODEL.WEIGHTS, OUTPUT_DIR's last one)
+  tools/train_net.py --config-file CFG --eval-only MODEL.WEIGHTS output/x/model_final.pth
+  tools/train_net.py --config-file CFG --eval-only --coco-json ANN.json --coco-images DIR MODEL.WEIGHTS W
+"""
+
+
+def default_argument_parser(description: str = "mdkd_det training",
+                            epilog: str = TRAIN_NET_EXAMPLES) -> argparse.ArgumentParser:
     """detectron2-compatible CLI: --config-file, --resume, --eval-only, --num-gpus,
     --num-machines, --machine-rank, --dist-url, trailing ``KEY VALUE`` overrides, plus
-    --coco-json/--coco-images to evaluate/train on any COCO dataset given by path."""
-    p = argparse.ArgumentParser(description=description,
+    --coco-json/--coco-images to evaluate/train on any COCO dataset given by path; ``--help``
+    ends with ``epilog`` (examples)."""
+    p = argparse.ArgumentParser(description=description, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", default="", metavar="FILE", help="path to config file")
     p.add_argument("--resume", action="store_true",
                    help="resume from OUTPUT_DIR/last_checkpoint (model, optimizer, LR, iteration, RNG)")
-    p.add_argument("--eval-only", action="store_true", help="evaluate MODEL.WEIGHTS only")
+    p.add_argument("--eval-only", action="store_true",
+                   help="evaluate MODEL.WEIGHTS only (with --resume: OUTPUT_DIR's last checkpoint)")
     p.add_argument("--coco-json", default="", help="COCO annotation JSON to evaluate on")
     p.add_argument("--coco-images", default="", help="image folder of --coco-json")
     p.add_argument("--num-gpus", type=int, default=1,
@@ -158,23 +175,6 @@ def seed_all_rng(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def build_model(cfg: CfgNode, backbone=None) -> torch.nn.Module:
-    """Build ``MODEL.META_ARCHITECTURE`` on ``MODEL.DEVICE``; with ``MODEL.HEAD_INIT`` its heads
-    (every non-backbone tensor) are loaded from that checkpoint.
-
-    Raises:
-        RegistryError: unknown detector or backbone name (lists registered names).
-        CheckpointError: ``MODEL.HEAD_INIT`` unreadable or not matching the heads.
-    """
-    from ..modeling import meta_arch  # noqa: F401  (register built-ins)
-    from ..modeling.meta_arch.head_init import load_head_weights
-
-    model = DETECTOR_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg, backbone=backbone)
-    if cfg.MODEL.HEAD_INIT:
-        load_head_weights(model, cfg.MODEL.HEAD_INIT, bool(cfg.MODEL.TRUST_CHECKPOINTS))
-    return model.to(torch.device(cfg.MODEL.DEVICE))
 
 
 def do_test(cfg: CfgNode, model: torch.nn.Module, output_dir: Optional[str] = None) -> Dict[str, dict]:

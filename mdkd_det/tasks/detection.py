@@ -96,9 +96,7 @@ class DetectionTask(Task):
         from ..data.build import build_detection_test_loader
         from ..evaluation import COCOEvaluator, inference_on_dataset
         from ..evaluation.visualize import save_visualizations
-        from ..modeling.meta_arch.faster_rcnn import set_test_size
 
-        inner = model.module if hasattr(model, "module") else model
         loader = build_detection_test_loader(cfg, dataset_name, records=records,
                                              mapper=self.build_mapper(cfg, is_train=False))
         evaluator = COCOEvaluator(
@@ -106,11 +104,8 @@ class DetectionTask(Task):
             froc_fps=tuple(cfg.TEST.FROC_FPS), froc_hit=cfg.TEST.FROC_HIT, froc_iou=cfg.TEST.FROC_IOU,
             froc_per_scan=bool(cfg.TEST.FROC_PER_SCAN),
         )
-        set_test_size(inner, cfg, train=False)
-        try:
-            res = inference_on_dataset(model, loader, evaluator)
-        finally:
-            set_test_size(inner, cfg, train=True)
+        # the test size (INPUT.*_TEST) follows from eval mode (TrainTestResizeTransform)
+        res = inference_on_dataset(model, loader, evaluator)
         if comm.is_main_process() and cfg.TEST.VIS_NUM > 0:
             chosen = [r for r in records if r.get("annotations") and r["image_id"] in evaluator.predictions]
             chosen = chosen[: int(cfg.TEST.VIS_NUM)]

@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from ...utils.errors import DatasetError
 from ..catalog import DatasetCatalog, MetadataCatalog
+from ..io import reader_for_path
 
 __all__ = [
     "COCO_SPEC_PREFIX",
@@ -111,7 +112,9 @@ def load_coco_json(
 
     Returns:
         One record per image, in the JSON's image order: ``file_name`` (image_root joined),
-        ``height``/``width`` (px), ``image_id`` (the JSON id), ``reader="image"``,
+        ``height``/``width`` (px), ``image_id`` (the JSON id), ``reader`` from the file
+        (:func:`~mdkd_det.data.io.reader_for_path`: ``.dcm`` -> ``"dicom"``, 16-bit PNG ->
+        ``"png16_hu"``, JPEG/8-bit PNG -> ``"image"``),
         ``annotations`` = ``[{"bbox": [x1, y1, x2, y2] float px, "category_id": int}]``.
 
     Raises:
@@ -149,12 +152,13 @@ def load_coco_json(
                 f"{json_file}: image id {img['id']!r} ({img['file_name']}) needs integer "
                 "'height' and 'width'"
             ) from None
+        path = os.path.join(image_root, img["file_name"])
         rec = {
-            "file_name": os.path.join(image_root, img["file_name"]),
+            "file_name": path,
             "height": h,
             "width": w,
             "image_id": img["id"],
-            "reader": "image",
+            "reader": reader_for_path(path),
             "annotations": [],
         }
         by_id[img["id"]] = rec

@@ -82,9 +82,9 @@ class TimmClassificationBackbone(Backbone):
 
 
 def _timm(name: str, cfg, **kw) -> nn.Module:
-    import timm
+    from .pretrained import create_timm_model
 
-    return timm.create_model(name, pretrained=bool(cfg.MODEL.BACKBONE.PRETRAINED), num_classes=0,
+    return create_timm_model(name, bool(cfg.MODEL.BACKBONE.PRETRAINED), key="MODEL.BACKBONE.NAME", num_classes=0,
                              in_chans=int(cfg.INPUT.CHANNELS), **kw)
 
 

@@ -35,11 +35,12 @@ def build_timm_fpn(cfg) -> Backbone:
     """timm model ``MODEL.BACKBONE.TIMM_NAME`` (``features_only``) + FPN.
 
     Raises:
-        RuntimeError: from timm if the model name is unknown or weights cannot be loaded.
+        ConfigError: unknown timm model name (with close matches), or
+            ``MODEL.BACKBONE.PRETRAINED True`` without the weights (offline).
     """
-    import timm
+    from .pretrained import create_timm_model
 
-    body = timm.create_model(
+    body = create_timm_model(
         cfg.MODEL.BACKBONE.TIMM_NAME,
         pretrained=bool(cfg.MODEL.BACKBONE.PRETRAINED),
         features_only=True,

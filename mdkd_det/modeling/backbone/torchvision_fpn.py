@@ -16,6 +16,7 @@ from torchvision.ops import misc as misc_ops
 
 from ..registry import BACKBONE_REGISTRY
 from .base import Backbone, WrappedBackbone
+from .pretrained import pretrained_weights_guard
 
 _RESNET_WEIGHTS = {
     "resnet18": models.ResNet18_Weights.IMAGENET1K_V1,
@@ -43,7 +44,8 @@ def build_resnet_fpn(cfg, depth_name: str) -> Backbone:
         channels each.
     """
     weights = _RESNET_WEIGHTS[depth_name] if cfg.MODEL.BACKBONE.PRETRAINED else None
-    body = getattr(models, depth_name)(weights=weights, norm_layer=_norm_layer(cfg.MODEL.BACKBONE.NORM))
+    with pretrained_weights_guard(weights is not None, f"torchvision {depth_name}"):
+        body = getattr(models, depth_name)(weights=weights, norm_layer=_norm_layer(cfg.MODEL.BACKBONE.NORM))
     trainable = int(cfg.MODEL.BACKBONE.TRAINABLE_LAYERS)
     if not 0 <= trainable <= 5:
         raise ValueError(f"MODEL.BACKBONE.TRAINABLE_LAYERS must be in 0..5, got {trainable}")
@@ -86,7 +88,8 @@ def build_resnet50_fpn(cfg) -> Backbone:
 def build_mobilenet_v3_large_fpn(cfg) -> Backbone:
     """MobileNetV3-Large + FPN (torchvision): keys '0', '1', 'pool' at strides 32, 32, 64 px."""
     weights = models.MobileNet_V3_Large_Weights.IMAGENET1K_V1 if cfg.MODEL.BACKBONE.PRETRAINED else None
-    body = models.mobilenet_v3_large(weights=weights, norm_layer=_norm_layer(cfg.MODEL.BACKBONE.NORM))
+    with pretrained_weights_guard(weights is not None, "torchvision mobilenet_v3_large"):
+        body = models.mobilenet_v3_large(weights=weights, norm_layer=_norm_layer(cfg.MODEL.BACKBONE.NORM))
     fpn = _mobilenet_extractor(body, True, int(cfg.MODEL.BACKBONE.TRAINABLE_LAYERS) + 1)
     if cfg.MODEL.FPN.OUT_CHANNELS != fpn.out_channels:
         raise ValueError("mobilenet_v3_large_fpn supports MODEL.FPN.OUT_CHANNELS 256 only")

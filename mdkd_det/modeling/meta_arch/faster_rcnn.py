@@ -3,7 +3,9 @@
 Source: ``torchvision.models.detection.FasterRCNN`` (unmodified; KD hooks attach from outside).
 The model takes images as ``list[Tensor[C, H, W]]`` in [0, 1] at their original size in px; its
 ``GeneralizedRCNNTransform`` normalises with ``MODEL.PIXEL_MEAN/STD`` and resizes to
-``INPUT.MIN_SIZE_*`` / ``INPUT.MAX_SIZE_*``; detections come back in the input images' px.
+``INPUT.MIN_SIZE_TRAIN/MAX_SIZE_TRAIN`` in train mode and ``INPUT.MIN_SIZE_TEST/MAX_SIZE_TEST`` in
+eval mode (:class:`TrainTestResizeTransform`: ``build_model(cfg).eval()`` predicts at the test
+size, with no extra call); detections come back in the input images' px.
 Labels follow torchvision: 0 = background, ``contiguous_id + 1`` for classes.
 """
 
@@ -12,6 +14,7 @@ from __future__ import annotations
 from torch import nn
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from ..backbone import Backbone, build_backbone
 from ..registry import DETECTOR_REGISTRY
@@ -84,15 +87,37 @@ def build_faster_rcnn(cfg, backbone: Backbone | None = None) -> nn.Module:
         box_batch_size_per_image=int(cfg.MODEL.ROI_HEADS.BATCH_SIZE_PER_IMAGE),
         box_positive_fraction=float(cfg.MODEL.ROI_HEADS.POSITIVE_FRACTION),
     )
-    set_test_size(model, cfg, train=True)
+    model.transform = TrainTestResizeTransform(
+        train_size=(int(cfg.INPUT.MIN_SIZE_TRAIN), int(cfg.INPUT.MAX_SIZE_TRAIN)),
+        test_size=(int(cfg.INPUT.MIN_SIZE_TEST), int(cfg.INPUT.MAX_SIZE_TEST)),
+        image_mean=list(cfg.MODEL.PIXEL_MEAN), image_std=list(cfg.MODEL.PIXEL_STD),
+    )
     return model
 
 
-def set_test_size(model: nn.Module, cfg, train: bool) -> None:
-    """Point the model's resize transform at the train or test sizes (px) of ``cfg``.
+class TrainTestResizeTransform(GeneralizedRCNNTransform):
+    """torchvision's ``GeneralizedRCNNTransform`` whose resize follows the module mode.
 
-    torchvision's ``GeneralizedRCNNTransform`` has one ``min_size``; we switch it with the mode.
+    torchvision's transform has one ``min_size``/``max_size`` for both modes, so a model built
+    with the training sizes would silently predict at the training size after ``.eval()``. Here
+    the sizes are chosen per call from ``self.training``: ``train_size`` in train mode,
+    ``test_size`` in eval mode. This is the single place where the test size is applied (the
+    evaluator, :class:`~mdkd_det.engine.DefaultPredictor` and tools only call ``model.eval()``).
+
+    Args:
+        train_size, test_size: ``(min_size, max_size)`` in px of the shorter / longer side
+            (``INPUT.MIN_SIZE_TRAIN``/``MAX_SIZE_TRAIN`` and ``..._TEST``).
+        image_mean, image_std: per-channel normalisation of [0, 1] pixels (``MODEL.PIXEL_*``).
+
+    Shapes: as ``GeneralizedRCNNTransform`` (``list[Tensor[C, H, W]]`` -> ``ImageList``).
     """
-    t = model.transform
-    t.min_size = (int(cfg.INPUT.MIN_SIZE_TRAIN if train else cfg.INPUT.MIN_SIZE_TEST),)
-    t.max_size = int(cfg.INPUT.MAX_SIZE_TRAIN if train else cfg.INPUT.MAX_SIZE_TEST)
+
+    def __init__(self, train_size, test_size, image_mean, image_std) -> None:
+        super().__init__(int(train_size[0]), int(train_size[1]), image_mean, image_std)
+        self.train_size = (int(train_size[0]), int(train_size[1]))
+        self.test_size = (int(test_size[0]), int(test_size[1]))
+
+    def resize(self, image, target=None):
+        lo, hi = self.train_size if self.training else self.test_size
+        self.min_size, self.max_size = (lo,), hi
+        return super().resize(image, target)

@@ -55,8 +55,8 @@ class RFDETRTransform(nn.Module):
         resolution: R in px (rfdetr trains and predicts at a fixed square size).
         mean, std: per-channel normalisation of [0, 1] pixels (``MODEL.PIXEL_MEAN/STD``).
 
-    ``min_size`` / ``max_size`` exist so code written for torchvision's transform
-    (``set_test_size``) runs unchanged; they are informational (R is fixed).
+    ``min_size`` / ``max_size`` exist so code written for torchvision's transform runs
+    unchanged; they are informational (R is fixed in train and eval mode).
 
     Shapes:
         forward(images: list[Tensor[C, H_i, W_i]] in [0, 1], targets=None) ->

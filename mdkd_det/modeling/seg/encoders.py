@@ -166,7 +166,10 @@ def build_unet_encoder(cfg) -> UNetEncoder:
 def build_tresunet_encoder(cfg) -> TResUNetEncoder:
     """``TResUNetEncoder`` from ``MODEL.SEG.TRANSFORMER_*`` / ``DILATIONS`` and
     ``MODEL.BACKBONE.PRETRAINED``."""
+    from ..backbone.pretrained import pretrained_weights_guard
+
     s = cfg.MODEL.SEG
-    return TResUNetEncoder(int(cfg.INPUT.CHANNELS), dim=int(s.TRANSFORMER_DIM), layers=int(s.TRANSFORMER_LAYERS),
-                           heads=int(s.TRANSFORMER_HEADS), dilations=tuple(int(d) for d in s.DILATIONS),
-                           pretrained=bool(cfg.MODEL.BACKBONE.PRETRAINED))
+    with pretrained_weights_guard(bool(cfg.MODEL.BACKBONE.PRETRAINED), "torchvision resnet50 (TResUNet)"):
+        return TResUNetEncoder(int(cfg.INPUT.CHANNELS), dim=int(s.TRANSFORMER_DIM), layers=int(s.TRANSFORMER_LAYERS),
+                               heads=int(s.TRANSFORMER_HEADS), dilations=tuple(int(d) for d in s.DILATIONS),
+                               pretrained=bool(cfg.MODEL.BACKBONE.PRETRAINED))

@@ -131,7 +131,7 @@ def test_python_block_runs_on_a_tiny_model(tmp_path, monkeypatch, data_root):
     scope = {}
     exec(compile(block, "README.md", "exec"), scope)
     assert (tmp_path / "output" / "r18" / "model_final.pth").is_file()
-    assert scope["det"]["boxes"].shape[1] == 4 and "AP" in scope["results"]["lungct_valid"]["bbox"]
+    assert scope["det"]["boxes"].shape[1] == 4 and "AP" in scope["results"]["lungct_disjoint_test"]["bbox"]
 
 
 def test_toml_groups_and_links():

@@ -128,5 +128,5 @@ def test_eval_only_refuses_without_weights_and_resume_evaluates_last(tmp_path, d
     assert "no " + str(out) + "/last_checkpoint" in capsys.readouterr().err
     trained = run(default_argument_parser().parse_args(["--config-file", str(cfg_file)]))
     again = run(default_argument_parser().parse_args(["--config-file", str(cfg_file), "--eval-only", "--resume"]))
-    assert again["lungct_valid"]["bbox"]["AP"] == pytest.approx(trained["bbox"]["AP"], abs=1e-9)
-    assert again["lungct_valid"]["bbox"]["AR100"] == pytest.approx(trained["bbox"]["AR100"], abs=1e-9)
+    assert again["lungct_disjoint_test"]["bbox"]["AP"] == pytest.approx(trained["bbox"]["AP"], abs=1e-9)
+    assert again["lungct_disjoint_test"]["bbox"]["AR100"] == pytest.approx(trained["bbox"]["AR100"], abs=1e-9)

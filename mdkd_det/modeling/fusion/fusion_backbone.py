@@ -137,7 +137,7 @@ class FusionBackbone(Backbone):
         super().__init__()
         self.runtime = runtime or TeacherRuntime()
         self._prepared: List[nn.ModuleList] = []  # a list keeps the prepared copy out of the tree
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._prepared.clear())
+        self.register_load_state_dict_post_hook(_drop_prepared)
         if level_match not in LEVEL_MATCH_MODES:
             raise ValueError(f"FusionBackbone: level_match must be one of {LEVEL_MATCH_MODES}, got {level_match!r}")
         teachers = list(teachers)
@@ -248,6 +248,11 @@ class FusionBackbone(Backbone):
 
 
 LEVEL_MATCH_MODES = ("keys", "stride")
+
+
+def _drop_prepared(module: FusionBackbone, _incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: new teacher weights -> re-prepare on next use."""
+    module._prepared.clear()
 
 
 def match_levels_nearest_stride(ref: Mapping, other: Mapping) -> Dict[str, str]:

@@ -15,8 +15,9 @@ outside the ``with`` block, so taps cost nothing when KD is off.
     proposals = rec["sampled"][0]           # the student's sampled RoIs, list[Tensor[M_i, 4]]
 
 Records keep autograd history (student taps feed differentiable KD losses); run teachers under
-``torch.no_grad()``, not ``inference_mode()``: inference tensors cannot be saved for backward,
-so a loss mixing them with student tensors fails (checked with torch 2.14).
+``torch.no_grad()``, or under ``inference_mode()`` and clone what leaves it
+(:meth:`~mdkd_det.modeling.frozen_teacher.TeacherRuntime.release`): inference tensors cannot
+be saved for backward, so a loss mixing them with student tensors fails (torch 2.14).
 """
 
 from __future__ import annotations

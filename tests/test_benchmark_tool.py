@@ -55,3 +55,12 @@ def test_scaling_row_and_table():
     assert row["joint_step_mem_mb"] == 500.0 and row["kd_step_mem_mb"] == 550.0
     table = B.scaling_table([row])
     assert table.splitlines()[2].startswith("| 3 | 256 | 1.500 |")
+
+
+def test_scaling_plot_writes_a_png(tmp_path):
+    joint = {"times": {"plain": [1.0], "joint": [1.5]}, "peak_mem_mb": 900.0, "base_mem_mb": 400.0}
+    kd = {"times": {"plain": [1.0], "kd": [1.5], "teacher": [0.4]}, "peak_mem_mb": 1000.0, "base_mem_mb": 450.0}
+    rows = [B.scaling_row(n, px, joint, kd) for px in (256, 512) for n in (1, 3)]
+    path = tmp_path / "scaling.png"
+    B.scaling_plot(rows, str(path))
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

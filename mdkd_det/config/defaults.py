@@ -309,6 +309,25 @@ _C.ADVERSARIAL.SOURCE_IMS_PER_BATCH = 2
 _C.ADVERSARIAL.TARGET_IMS_PER_BATCH = 2
 
 # --------------------------------------------------------------------------------------------
+# Frozen teachers (the Stage-3 KD teacher and the FusionBackbone's teachers): how they are
+# prepared and run (mdkd_det/modeling/frozen_teacher.py; docs/benchmarks.md). Speed only.
+# --------------------------------------------------------------------------------------------
+_C.FROZEN_TEACHER = CN()
+# Fold eval BatchNorm into the preceding conv (torch.nn.utils.fusion; equal to fp32 rounding,
+# not bitwise). Off by default: with it on, a joint teacher initialised as the target teacher
+# (issue 10) is equal to it only to ~1e-6, not detection for detection; the measured gain is
+# small (teacher forward 1.16x with both inexact switches on, docs/benchmarks.md).
+_C.FROZEN_TEACHER.FOLD_BN = False
+# Teacher weights and input in channels_last (NHWC) memory format (equal to fp32 rounding, not
+# bitwise; off by default for the same reason).
+_C.FROZEN_TEACHER.CHANNELS_LAST = False
+# torch.inference_mode() instead of no_grad (bitwise equal; outputs are cloned for autograd).
+_C.FROZEN_TEACHER.INFERENCE_MODE = True
+# bf16 autocast for the teacher forward (CPU AMX/avx512_bf16). Not exact (~1 % of a map's
+# max); off until its AP effect is measured on your teacher (docs/benchmarks.md).
+_C.FROZEN_TEACHER.BF16 = False
+
+# --------------------------------------------------------------------------------------------
 # Stage 2: joint teacher on a FusionBackbone (paper §3.2; notes C8, C11, C12, A5, A20)
 # --------------------------------------------------------------------------------------------
 _C.FUSION = CN()

@@ -18,6 +18,7 @@ from typing import Callable, Dict, Mapping, Optional
 import torch
 from torch import nn
 
+from ..modeling.frozen_teacher import TeacherRuntime
 from . import losses as L
 from .adapters import KDInputs
 from .connectors import embedding_connector, feature_connector, match_levels_by_stride
@@ -51,6 +52,8 @@ class Distiller(nn.Module):
         kl_direction, cls_kind, reduction, con_mask_diag: passed to the losses (A1, A2, A4, A10).
         level_pairs: explicit ``{student level: teacher level}`` (e.g. the early-/late-k
             selection of C26); default: :func:`match_levels_by_stride`.
+        runtime: how the frozen teacher is prepared (in place, here) and run
+            (``FROZEN_TEACHER.*``; default: plain ``no_grad``).
 
     Shapes: see :class:`KDInputs`. ``forward`` returns ``{loss name: 0-dim Tensor}`` already
     multiplied by weight and cf; names in :data:`TERM_KEYS`.
@@ -74,6 +77,7 @@ class Distiller(nn.Module):
         reduction: str = "mean",
         con_mask_diag: bool = False,
         level_pairs: Optional[Mapping[str, str]] = None,
+        runtime: Optional[TeacherRuntime] = None,
     ) -> None:
         super().__init__()
         unknown = set(weights) - set(TERM_KEYS)
@@ -101,11 +105,21 @@ class Distiller(nn.Module):
         self.reduction = reduction
         self.con_mask_diag = bool(con_mask_diag)
         freeze_teacher(teacher)
+        self.runtime = runtime or TeacherRuntime()
+        self.runtime.prepare(teacher)
 
     @property
     def teacher(self) -> nn.Module:
         """The frozen teacher (not a submodule: absent from state_dict and parameters)."""
         return self._teacher[0]
+
+    def teacher_inputs(self, rec) -> KDInputs:
+        """The adapter's teacher :class:`KDInputs` for the student's records ``rec``, run as
+        :attr:`runtime` says (``inference_mode`` / bf16) and released as fp32 tensors the KD
+        losses may save for backward."""
+        with self.runtime.context():
+            t_in = self.adapter.teacher_inputs(self.teacher, rec)
+        return self.runtime.release(t_in)
 
     def active(self, epoch: float) -> bool:
         """False when cf(epoch) == 0 or every weight is 0: the KD step can be skipped whole."""

@@ -8,8 +8,8 @@ callable; our ``SimpleTrainer`` reaches it through ``compute_losses`` and detect
 KD step exists once for both loops.
 
 Per step: (1) the student's own forward runs unmodified with the adapter's taps recording;
-(2) the frozen teacher runs under ``torch.no_grad`` on the same transformed batch (and on the
-student's regions); (3) the distiller returns the weighted KD terms, scaled by cf; (4) they are
+(2) the frozen teacher runs without autograd (``Distiller.teacher_inputs``: ``FROZEN_TEACHER.*``)
+on the same transformed batch (and on the student's regions); (3) the distiller returns the weighted KD terms, scaled by cf; (4) they are
 added to the task loss dict (task terms scaled by alpha = ``KD.W_TASK``). When cf = 0 (warm-up)
 the teacher is not run at all. Each KD term is its own loss-dict entry, so it is logged
 separately to metrics.json and TensorBoard by the trainer.
@@ -68,7 +68,7 @@ class KDTrainerMixin:
         with TapRecorder(student, adapter.student_taps()) as rec:
             losses = forward()
         s_in = adapter.student_inputs(rec)
-        t_in = adapter.teacher_inputs(self.distiller.teacher, rec)
+        t_in = self.distiller.teacher_inputs(rec)
         kd = self.distiller(s_in, t_in, epoch)
         out = {k: self.task_weight * v for k, v in losses.items()}
         out.update(kd)

@@ -15,8 +15,9 @@ outside the ``with`` block, so taps cost nothing when KD is off.
     proposals = rec["sampled"][0]           # the student's sampled RoIs, list[Tensor[M_i, 4]]
 
 Records keep autograd history (student taps feed differentiable KD losses); run teachers under
-``torch.no_grad()``, not ``inference_mode()``: inference tensors cannot be saved for backward,
-so a loss mixing them with student tensors fails (checked with torch 2.14).
+``torch.no_grad()``, or under ``inference_mode()`` and clone what leaves it
+(:meth:`~mdkd_det.modeling.frozen_teacher.TeacherRuntime.release`): inference tensors cannot
+be saved for backward, so a loss mixing them with student tensors fails (torch 2.14).
 """
 
 from __future__ import annotations
@@ -274,7 +275,8 @@ def teacher_roi_outputs(teacher_model: nn.Module, teacher_feats: Mapping[str, to
     """Run a teacher's RoI head on the STUDENT's sampled proposals (paper_notes A10, ClsKD/ROIKD).
 
     ``box_roi_pool(teacher_feats, proposals, image_sizes) -> box_head -> box_predictor``
-    under ``torch.no_grad()`` (engineering_notes §5), so region i of the teacher outputs is
+    (its ``cls_score`` only, when it has one: the box deltas feed no KD term) under
+    ``torch.no_grad()`` (engineering_notes §5), so region i of the teacher outputs is
     region i of the student's ``box_features`` / ``class_logits`` (M_i per image, same order).
 
     Args:
@@ -298,5 +300,11 @@ def teacher_roi_outputs(teacher_model: nn.Module, teacher_feats: Mapping[str, to
         boxes = [p.detach() for p in proposals]
         pooled = roi_heads.box_roi_pool(teacher_feats, boxes, image_sizes)
         embeddings = roi_heads.box_head(pooled)
-        class_logits, _ = roi_heads.box_predictor(embeddings)
+        predictor = roi_heads.box_predictor
+        # no KD term reads the teacher's box deltas: FastRCNNPredictor's bbox_pred is skipped
+        cls_score = getattr(predictor, "cls_score", None)
+        if isinstance(cls_score, nn.Module) and embeddings.dim() == 2:
+            class_logits = cls_score(embeddings)
+        else:
+            class_logits, _ = predictor(embeddings)
     return embeddings, class_logits

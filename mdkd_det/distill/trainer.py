@@ -23,6 +23,7 @@ from ..engine.checkpointer import Checkpointer, export_model
 from ..engine import comm
 from ..engine.defaults import DefaultTrainer, build_model, seed_all_rng
 from ..engine.trainer import SimpleTrainer
+from ..modeling.frozen_teacher import TeacherRuntime
 from ..solver import build_optimizer
 from ..utils.errors import ConfigError
 from . import cls_adapter  # noqa: F401  (registers the "image_classifier" adapter)
@@ -55,6 +56,7 @@ def load_teacher_cfg(cfg: CfgNode) -> CfgNode:
     tcfg.merge_from_file(cfg.KD.TEACHER_CONFIG)
     tcfg.MODEL.WEIGHTS = cfg.KD.TEACHER_WEIGHTS
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
+    tcfg.FROZEN_TEACHER = cfg.FROZEN_TEACHER.clone()  # the student run decides how teachers run
     if list(tcfg.MODEL.PIXEL_MEAN) != list(cfg.MODEL.PIXEL_MEAN) or list(tcfg.MODEL.PIXEL_STD) != list(cfg.MODEL.PIXEL_STD):
         raise ConfigError(
             f"{cfg.KD.TEACHER_CONFIG}: MODEL.PIXEL_MEAN/STD differ from the student's; the teacher "
@@ -146,6 +148,7 @@ def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module) -> Dis
         level_pairs=pairs,
         student_emb_dim=_embedding_dim(s_unwrapped),
         teacher_emb_dim=_embedding_dim(teacher),
+        runtime=TeacherRuntime.from_config(cfg),
         **distiller_options(cfg.KD),
     )
     return distiller.to(torch.device(cfg.MODEL.DEVICE))

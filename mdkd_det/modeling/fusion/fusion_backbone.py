@@ -8,14 +8,18 @@ any detector that fits a teacher (torchvision ``FasterRCNN(FusionBackbone(...), 
 builds new RPN and RoI heads on it, as C12 says).
 
 Frozen means (A20): ``requires_grad=False``, always ``eval()`` (``train()`` is overridden, so
-BatchNorm statistics never change) and run under ``torch.no_grad()``. ``torch.inference_mode()``
-is NOT used: tensors it creates cannot be saved for backward, and the trainable fusion convs
-must save their input (checked with torch 2.14: "Inference tensors cannot be saved for
-backward"). ``no_grad`` costs the same here since the teachers hold no autograd state.
+BatchNorm statistics never change) and run without autograd. How they run is a
+:class:`~mdkd_det.modeling.frozen_teacher.TeacherRuntime` (``FROZEN_TEACHER.*``: BatchNorm
+folded, channels_last, ``inference_mode``, bf16): the teachers' outputs are released as fp32,
+non-inference tensors, because the trainable fusion ops save their inputs for backward
+(inference tensors cannot be saved, torch 2.14). BatchNorm folding works on a private copy of
+the teachers (built on first use, dropped on ``load_state_dict``/``.to()``), so the state dict
+keeps the teachers' original layers and checkpoints do not depend on the switch.
 """
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -28,6 +32,7 @@ from torch import nn
 from ...utils.checkpoint_io import load_checkpoint_file
 from ...utils.errors import CheckpointError, ConfigError
 from ..backbone.base import Backbone
+from ..frozen_teacher import TeacherRuntime, has_foldable_batchnorm
 from ..registry import BACKBONE_REGISTRY
 from .ops import build_fusion_op
 
@@ -104,6 +109,7 @@ class FusionBackbone(Backbone):
             detection backbones (FPN strides 4..64) with seg encoders (strides 1..16).
         levels: teacher-0 levels to fuse (default all); e.g. only the last-stage map for the
             classification joint teacher (A6).
+        runtime: how the frozen teachers are prepared and run (default: plain ``no_grad``).
 
     ``out_channels = 0`` keeps teacher 0's channels at every level (seg fusion, A5: "the output
     keeps the teacher's C_l"); ``self.out_channels`` is then the deepest level's.
@@ -126,8 +132,12 @@ class FusionBackbone(Backbone):
                  out_channels: int = 256,
                  teacher_inputs: Optional[Sequence[Optional[TeacherInput]]] = None,
                  fusion_kwargs: Optional[dict] = None, level_match: str = "keys",
-                 levels: Optional[Sequence[str]] = None) -> None:
+                 levels: Optional[Sequence[str]] = None,
+                 runtime: Optional[TeacherRuntime] = None) -> None:
         super().__init__()
+        self.runtime = runtime or TeacherRuntime()
+        self._prepared: List[nn.ModuleList] = []  # a list keeps the prepared copy out of the tree
+        self.register_load_state_dict_post_hook(_drop_prepared)
         if level_match not in LEVEL_MATCH_MODES:
             raise ValueError(f"FusionBackbone: level_match must be one of {LEVEL_MATCH_MODES}, got {level_match!r}")
         teachers = list(teachers)
@@ -192,13 +202,32 @@ class FusionBackbone(Backbone):
         """Parameters of the fusion operators only (the trainable part of this backbone)."""
         return self.fusion.parameters()
 
+    def _apply(self, fn, *args, **kwargs):
+        self._prepared.clear()  # .to() / .float() ...: re-prepare from the moved teachers
+        return super()._apply(fn, *args, **kwargs)
+
+    def prepared_teachers(self) -> nn.ModuleList:
+        """The teachers as :attr:`runtime` runs them: ``self.teachers`` itself, or a private
+        BatchNorm-folded copy when there is BatchNorm to fold (built once, cached)."""
+        if not self._prepared:
+            teachers = self.teachers
+            # nothing to fold (e.g. a KD teacher folded in place): no copy
+            if self.runtime.fold_bn and has_foldable_batchnorm(teachers):
+                teachers = copy.deepcopy(teachers)
+            self._prepared.append(self.runtime.prepare(teachers))
+        return self._prepared[0]
+
     def teacher_features(self, x: torch.Tensor) -> List["OrderedDict[str, torch.Tensor]"]:
-        """Each teacher's maps for batch ``x`` (joint normalisation), under ``no_grad``.
+        """Each teacher's maps for batch ``x`` (joint normalisation), without autograd, as
+        fp32 tensors that trainable ops may save for backward (:attr:`runtime`).
 
         Shapes: ``x: Tensor[B, C, H, W]`` -> N x OrderedDict[name, Tensor[B, C_k, H/s, W/s]].
         """
-        with torch.no_grad():
-            return [t(norm(x)) for t, norm in zip(self.teachers, self.teacher_inputs)]
+        rt = self.runtime
+        teachers = self.prepared_teachers()
+        with rt.context():
+            feats = [t(rt.input(norm(x))) for t, norm in zip(teachers, self.teacher_inputs)]
+        return rt.release(feats)
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         return self.forward_levels(x, None)
@@ -219,6 +248,11 @@ class FusionBackbone(Backbone):
 
 
 LEVEL_MATCH_MODES = ("keys", "stride")
+
+
+def _drop_prepared(module: FusionBackbone, _incompatible_keys) -> None:
+    """``load_state_dict`` post-hook: new teacher weights -> re-prepare on next use."""
+    module._prepared.clear()
 
 
 def match_levels_nearest_stride(ref: Mapping, other: Mapping) -> Dict[str, str]:
@@ -392,4 +426,5 @@ def build_fusion_backbone(cfg) -> FusionBackbone:
     kwargs = op_cls.config_kwargs(cfg) if hasattr(op_cls, "config_kwargs") else None
     return FusionBackbone(teachers, fusion_op=op_name, out_channels=int(get("OUT_CHANNELS", 256)),
                           teacher_inputs=inputs, fusion_kwargs=kwargs,
-                          level_match=str(get("LEVEL_MATCH", "keys")), levels=list(get("LEVELS", ())))
+                          level_match=str(get("LEVEL_MATCH", "keys")), levels=list(get("LEVELS", ())),
+                          runtime=TeacherRuntime.from_config(cfg))

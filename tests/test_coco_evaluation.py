@@ -125,15 +125,20 @@ def _small_set():
     return records, meta
 
 
-def test_files_use_source_ids_and_no_gt_image(tmp_path):
-    records, meta = _small_set()
-    outputs = [
+def _small_outputs():
+    """Detections for the 4 images of :func:`_small_set` (xyxy px, scores, labels 1..2)."""
+    return [
         {"boxes": torch.tensor([[11.0, 10.0, 50.0, 41.0], [100.0, 60.0, 170.0, 160.0]]),
          "scores": torch.tensor([0.9, 0.6]), "labels": torch.tensor([1, 2])},
         {"boxes": torch.tensor([[5.0, 5.0, 25.0, 25.0]]), "scores": torch.tensor([0.7]), "labels": torch.tensor([2])},
         {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)},
         {"boxes": torch.tensor([[150.0, 25.0, 290.0, 190.0]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([1])},
     ]
+
+
+def test_files_use_source_ids_and_no_gt_image(tmp_path):
+    records, meta = _small_set()
+    outputs = _small_outputs()
     ev = COCOEvaluator("small", records, meta, output_dir=str(tmp_path / "out"))
     res = _run(ev, records, outputs, batch=3)
     results = json.loads((tmp_path / "out" / "coco_instances_results.json").read_text())
@@ -257,13 +262,7 @@ def test_froc_per_scan(tmp_path):
     for r, sid in zip(records, ("s1", "s1", "s2", "s2")):
         r["series_id"] = sid
     records[0]["patient_id"] = "p9"  # series_id takes precedence over patient_id
-    outputs = [
-        {"boxes": torch.tensor([[11.0, 10.0, 50.0, 41.0], [100.0, 60.0, 170.0, 160.0]]),
-         "scores": torch.tensor([0.9, 0.6]), "labels": torch.tensor([1, 2])},
-        {"boxes": torch.tensor([[5.0, 5.0, 25.0, 25.0]]), "scores": torch.tensor([0.7]), "labels": torch.tensor([2])},
-        {"boxes": torch.zeros(0, 4), "scores": torch.zeros(0), "labels": torch.zeros(0, dtype=torch.int64)},
-        {"boxes": torch.tensor([[150.0, 25.0, 290.0, 190.0]]), "scores": torch.tensor([0.8]), "labels": torch.tensor([1])},
-    ]
+    outputs = _small_outputs()
     res = _run(COCOEvaluator("small", records, meta, froc_fps=(0.125, 0.25, 0.5), froc_per_scan=True),
                records, outputs, batch=3)["froc"]
     assert (res["sens@0.125"], res["sens@0.25"], res["sens@0.5"]) == (0.5, 0.5, 0.75)

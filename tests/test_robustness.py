@@ -148,8 +148,14 @@ def test_broken_image_is_one_line_naming_the_file(tmp_path, data_root, capsys, c
     args = ["--config-file", _cfg_file(tmp_path, cfg)]
     if mode == "train":
         args += ["DATASETS.TRAIN", f"('{spec}',)", "DATASETS.TEST", "()"]
-    else:
-        args += ["--eval-only", "DATASETS.TEST", f"('{spec}',)"]
+    else:  # --eval-only refuses a random model, so give it weights
+        import torch
+
+        from mdkd_det.modeling import build_model
+
+        weights = tmp_path / "w.pth"
+        torch.save({"model": build_model(cfg).state_dict()}, weights)
+        args += ["--eval-only", "DATASETS.TEST", f"('{spec}',)", "MODEL.WEIGHTS", str(weights)]
     assert main(args) == 2
     err = _error_line(capsys.readouterr().err)
     assert err.startswith("error: cannot decode image ") and bad_name in err

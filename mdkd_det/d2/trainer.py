@@ -30,7 +30,7 @@ from torch import nn
 
 from ..distill.distiller import Distiller, freeze_teacher
 from ..distill.trainer import distiller_options
-from ..modeling.fusion.fusion_backbone import _read_checkpoint
+from ..utils.checkpoint_io import load_model_state
 from ..utils.errors import ConfigError
 from .adapter import D2GeneralizedRCNNAdapter
 from .config import add_mdkd_config, merge_d2_file
@@ -64,7 +64,7 @@ def build_d2_teacher(cfg) -> nn.Module:
                           "the teacher reads the student's normalised batch")
     teacher = build_model(tcfg)
     result = teacher.load_state_dict(
-        _read_checkpoint(kd.TEACHER_WEIGHTS, bool(cfg.MODEL.TRUST_CHECKPOINTS), "KD.TEACHER_WEIGHTS"),
+        load_model_state(kd.TEACHER_WEIGHTS, bool(cfg.MODEL.TRUST_CHECKPOINTS), "KD.TEACHER_WEIGHTS"),
         strict=False)
     if result.missing_keys or result.unexpected_keys:
         raise ConfigError(f"KD.TEACHER_WEIGHTS '{kd.TEACHER_WEIGHTS}' does not match "

@@ -30,7 +30,7 @@ import torch
 
 from .errors import CheckpointError
 
-__all__ = ["load_checkpoint_file", "SAFE_GLOBALS", "TRUST_HINT"]
+__all__ = ["load_checkpoint_file", "load_model_state", "SAFE_GLOBALS", "TRUST_HINT"]
 
 #: Classes that rfdetr's official checkpoints pickle besides tensors (``args`` is an
 #: ``argparse.Namespace`` or ``types.SimpleNamespace`` of plain values; the same list as rfdetr's
@@ -87,3 +87,23 @@ def _reason(e: BaseException) -> str:
     picked = next((ln for ln in lines if ln.startswith(("Unsupported", "WeightsUnpickler"))), None)
     text = picked or (lines[0] if lines else "")
     return f"{type(e).__name__}: {text[:200]}" if text else f"{type(e).__name__}, e.g. an empty or truncated file"
+
+
+def load_model_state(path: str, trust: bool = False, what: str = "checkpoint") -> dict:
+    """The model state dict of a checkpoint file (read by :func:`load_checkpoint_file`).
+
+    Accepts our Checkpointer's ``{"model": state_dict, ...}``, Lightning-style
+    ``{"state_dict": ...}`` and a bare state dict (name -> tensor).
+
+    Raises:
+        CheckpointError: missing, unreadable or refused file, or no state dict inside.
+    """
+    ckpt = load_checkpoint_file(path, trust=trust, what=what)
+    for key in ("model", "state_dict"):
+        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
+            return ckpt[key]
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return ckpt
+    keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
+    raise CheckpointError(f"{path} ({what}) holds neither {{'model': state_dict}} nor a state dict "
+                          f"(top level: {keys})")

@@ -29,7 +29,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 import torch
 from torch import nn
 
-from ...utils.checkpoint_io import load_checkpoint_file
+from ...utils.checkpoint_io import load_model_state
 from ...utils.errors import CheckpointError, ConfigError
 from ..backbone.base import Backbone
 from ..frozen_teacher import TeacherRuntime, has_foldable_batchnorm
@@ -269,24 +269,6 @@ def match_levels_nearest_stride(ref: Mapping, other: Mapping) -> Dict[str, str]:
     return out
 
 
-def _read_checkpoint(path: str, trust: bool = False, what: str = "teacher checkpoint") -> dict:
-    """The model state dict of a checkpoint file, read by the package's one safe loader
-    (:func:`mdkd_det.utils.checkpoint_io.load_checkpoint_file`; ``trust`` =
-    ``MODEL.TRUST_CHECKPOINTS``).
-
-    Raises:
-        CheckpointError: missing, unreadable or refused file, or no state dict inside.
-    """
-    ckpt = load_checkpoint_file(path, trust=trust, what=what)
-    for key in ("model", "state_dict"):  # our Checkpointer's layout, then Lightning-style
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            return ckpt[key]
-    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return ckpt  # a plain state dict
-    raise CheckpointError(f"teacher checkpoint '{path}' holds neither {{'model': state_dict}} "
-                          f"nor a state dict (top-level keys: {list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt)})")
-
-
 def _fmt(keys: Sequence[str], n: int = 10) -> str:
     keys = sorted(keys)
     return str(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
@@ -318,7 +300,7 @@ def load_teacher_backbone(backbone: nn.Module, ckpt_path: str, prefix: str = "ba
         CheckpointError: missing/unreadable file, no key with ``prefix``, or a mismatch; the
             message names the file and the missing, unexpected and shape-mismatched keys.
     """
-    sd = _read_checkpoint(ckpt_path, trust)
+    sd = load_model_state(ckpt_path, trust, what="teacher checkpoint")
     sub = OrderedDict((k[len(prefix):], v) for k, v in sd.items() if k.startswith(prefix))
     if not sub:
         raise CheckpointError(f"teacher checkpoint '{ckpt_path}' has no keys starting with "

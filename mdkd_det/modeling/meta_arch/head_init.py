@@ -13,6 +13,7 @@ import logging
 
 from torch import nn
 
+from ...utils.checkpoint_io import load_model_state
 from ...utils.errors import CheckpointError
 
 __all__ = ["load_head_weights"]
@@ -38,9 +39,7 @@ def load_head_weights(model: nn.Module, path: str, trust: bool = False,
         CheckpointError: missing/unreadable/refused file, or a head key of the model missing
             from the checkpoint or with another shape (names the file and the keys).
     """
-    from ..fusion.fusion_backbone import _read_checkpoint
-
-    sd = _read_checkpoint(path, trust, what="MODEL.HEAD_INIT")
+    sd = load_model_state(path, trust, what="MODEL.HEAD_INIT")
     own = {k: v for k, v in model.state_dict().items() if not k.startswith(backbone_prefix)}
     missing = sorted(k for k in own if k not in sd)
     shape = sorted(f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"

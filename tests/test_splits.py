@@ -14,6 +14,7 @@ from mdkd_det.data.datasets.splits import (
     series_overlap_report,
     split_by_patient,
     split_counts,
+    split_labeled,
 )
 from mdkd_det.utils.errors import DatasetError
 
@@ -134,3 +135,42 @@ def test_lungct_disjoint_split_real_data(data_root):
     # fixed by seed: these counts are what the shipped configs use (seed 0, 65/15/20)
     assert (len(series["train"]), len(series["val"]), len(series["test"])) == (334, 77, 103)
     register_builtin(str(data_root))  # restore the defaults for later tests
+
+
+def test_split_labeled_hand_case():
+    """10 patients, 10 %: one patient keeps its labels, nine lose them; disjoint, seeded."""
+    recs = _recs(10)
+    for r in recs:
+        r["annotations"] = [{"bbox": [0, 0, 1, 1], "category_id": 0}]
+    out = split_labeled(recs, 0.1, seed=3)
+    assert len(_patients(out["labeled"])) == 1 and len(_patients(out["unlabeled"])) == 9
+    assert not _patients(out["labeled"]) & _patients(out["unlabeled"])
+    assert all(r["annotations"] for r in out["labeled"])
+    assert all(r["annotations"] == [] and r["unlabeled"] for r in out["unlabeled"])
+    assert all(r["annotations"] for r in recs)  # the input is not modified
+    assert split_labeled(list(reversed(recs)), 0.1, seed=3)["labeled"][0]["patient_id"] == \
+        out["labeled"][0]["patient_id"]
+    assert len(split_labeled(recs, 1.0)["unlabeled"]) == 0
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(DatasetError, match="label fraction"):
+            split_labeled(recs, bad)
+
+
+def test_lungct_labeled_unlabeled_real_data(data_root, tmp_path):
+    """The 10 % LungCT split: series-disjoint halves of lungct_disjoint_train; the unlabelled
+    half is refused as a supervised training set with a one-line error."""
+    from mdkd_det.config import get_cfg
+    from mdkd_det.data.build import get_dataset_records
+
+    cfg = get_cfg()
+    cfg.DATASETS.ROOT = str(data_root)
+    cfg.DATASETS.SPLIT_FRACTIONS = [0.65, 0.15, 0.20]
+    train = get_dataset_records(cfg, ["lungct_disjoint_train"])
+    lab = get_dataset_records(cfg, ["lungct_disjoint_train_labeled"])
+    unl = get_dataset_records(cfg, ["lungct_disjoint_train_unlabeled"])
+    s_lab, s_unl = {r["series_id"] for r in lab}, {r["series_id"] for r in unl}
+    assert (len(s_lab), len(s_unl)) == (33, 301) and not s_lab & s_unl
+    assert len(lab) + len(unl) == len(train)
+    assert sum(len(r["annotations"]) for r in unl) == 0
+    with pytest.raises(DatasetError, match="lungct_disjoint_train_unlabeled.*unlabelled"):
+        get_dataset_records(cfg, ["lungct_disjoint_train_unlabeled"], check_classes=True)

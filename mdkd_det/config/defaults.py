@@ -197,6 +197,12 @@ _C.DATASETS.KEEP_EMPTY = True
 # Seed and fractions for the deterministic patient-level split of datasets without one.
 _C.DATASETS.SPLIT_SEED = 0
 _C.DATASETS.SPLIT_FRACTIONS = [0.72, 0.08, 0.20]
+# Share of lungct_disjoint_train's series that keeps its labels in lungct_disjoint_train_labeled;
+# the rest is lungct_disjoint_train_unlabeled (boxes removed). Semi-supervised setting, paper 003.
+_C.DATASETS.LABEL_FRACTION = 0.1
+# Unlabelled target datasets (images only; boxes, if any, are never read). Used by the
+# semi-supervised KD mode (KD.UNLABELED, paper 003 Eq. 3); never a supervised training set.
+_C.DATASETS.TRAIN_UNLABELED = ()
 # Lesion-patch classification datasets (tools/make_lesion_patches.py; names
 # lesion_patch_<lungct|lung_pet_ct_dx|deeplesion>_<train|val|test|all>). Built on first use.
 _C.DATASETS.LESION_PATCH = CN()

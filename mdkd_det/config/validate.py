@@ -130,6 +130,7 @@ DOMAINS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     # datasets
     "DATASETS.SPLIT_SEED": int_ge(0),
     "DATASETS.SPLIT_FRACTIONS": each(num_ge(0.0), 3),
+    "DATASETS.LABEL_FRACTION": num_in(0.0, 1.0, lo_open=True),
     "DATASETS.LESION_PATCH.SIZE": int_ge(1),
     "DATASETS.LESION_PATCH.NEG_PER_IMAGE": int_ge(0),
     "DATASETS.LESION_PATCH.CONTEXT": num_gt(0.0),

@@ -59,7 +59,8 @@ def register_mdkd_datasets(cfg, names: Sequence[str] = ()) -> List[str]:
         DatasetError: (on first use of a name) unknown name or unreadable files, from our
             catalog, naming the file.
     """
-    register_builtin(dataset_root(cfg), cfg.DATASETS.SPLIT_SEED, cfg.DATASETS.SPLIT_FRACTIONS)
+    register_builtin(dataset_root(cfg), cfg.DATASETS.SPLIT_SEED, cfg.DATASETS.SPLIT_FRACTIONS,
+                     cfg.DATASETS.LABEL_FRACTION)
     names = list(names) or list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST)
     for name in names:
         if name in D2DatasetCatalog.list():

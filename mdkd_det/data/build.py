@@ -15,7 +15,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..utils.env import dataset_root
-from .catalog import DatasetCatalog
+from .catalog import DatasetCatalog, MetadataCatalog
 from .datasets.builtin import register_builtin
 from .datasets.validate import check_records
 from .samplers import GroupedBatchSampler, InferenceSampler, TrainingSampler
@@ -37,7 +37,8 @@ def get_dataset_records(cfg, names: Sequence[str], limit: int = 0, check_classes
     from ..utils.errors import DatasetError
 
     register_builtin(dataset_root(cfg), split_seed=int(cfg.DATASETS.SPLIT_SEED),
-                     split_fractions=tuple(cfg.DATASETS.SPLIT_FRACTIONS))
+                     split_fractions=tuple(cfg.DATASETS.SPLIT_FRACTIONS),
+                     label_fraction=float(cfg.DATASETS.LABEL_FRACTION))
     from ..tasks import get_task  # tasks import data modules: import lazily
 
     task = get_task(cfg)
@@ -46,6 +47,9 @@ def get_dataset_records(cfg, names: Sequence[str], limit: int = 0, check_classes
     num_classes = int(functools.reduce(lambda node, k: node[k], key.split("."), cfg)) if key else None
     records: List[dict] = []
     for name in names:
+        if check_classes and MetadataCatalog.get(name).get("unlabeled", False):
+            raise DatasetError(f"dataset '{name}' is unlabelled (its boxes were removed): it cannot "
+                               f"be a supervised training set; list it in DATASETS.TRAIN_UNLABELED")
         recs = DatasetCatalog.get(name)
         recs = check_records(
             recs, name, box_policy=cfg.DATASETS.BOX_POLICY, keep_empty=cfg.DATASETS.KEEP_EMPTY,

@@ -15,6 +15,12 @@ Registered names (all single class ``"lesion"``, ``evaluator_type="coco"``):
 ``lungct_disjoint_train/_val/_test``  series-disjoint re-split of train + valid (issue 10, A21):
                                     :func:`lungct_disjoint_split`; the default of the MDKD
                                     LungCT configs (the official folders share 58 series).
+``lungct_disjoint_train_labeled``,  series-disjoint halves of ``lungct_disjoint_train`` for the
+``lungct_disjoint_train_unlabeled``   semi-supervised setting (paper 003): a seeded
+                                    ``DATASETS.LABEL_FRACTION`` of its series keeps its labels
+                                    (:func:`~.splits.split_labeled`); the rest has its boxes
+                                    removed and metadata ``unlabeled=True``, which supervised
+                                    training refuses.
 ``lung_pet_ct_dx_all``              every annotated slice; ``_train``/``_val``/``_test`` =
                                     seeded patient-level split of it (paper_notes A21).
 ``deeplesion_sample_train/_test``   JPEG truth samples, all lesion types.
@@ -43,7 +49,7 @@ from .deeplesion import load_deeplesion
 from .deeplesion_sample import load_deeplesion_sample
 from .lung_pet_ct_dx import load_lung_pet_ct_dx, lung_pet_ct_dx_metadata
 from .msd_lung import SEG_NAMES, register_seg_datasets
-from .splits import lungct_series_id, lungct_slice_key, split_by_patient
+from .splits import lungct_series_id, lungct_slice_key, split_by_patient, split_labeled
 
 __all__ = ["BUILTIN_NAMES", "builtin_paths", "register_builtin"]
 
@@ -58,6 +64,8 @@ BUILTIN_NAMES: Tuple[str, ...] = (
     "lungct_disjoint_train",
     "lungct_disjoint_val",
     "lungct_disjoint_test",
+    "lungct_disjoint_train_labeled",
+    "lungct_disjoint_train_unlabeled",
     "lung_pet_ct_dx_all",
     "lung_pet_ct_dx_train",
     "lung_pet_ct_dx_val",
@@ -170,6 +178,7 @@ def register_builtin(
     root: Optional[str] = None,
     split_seed: int = 0,
     split_fractions: Sequence[float] = (0.72, 0.08, 0.20),
+    label_fraction: float = 0.1,
 ) -> List[str]:
     """Register the built-in names (:data:`BUILTIN_NAMES`) for data under ``root``.
 
@@ -181,6 +190,8 @@ def register_builtin(
         root: data root; ``None`` -> :func:`mdkd_det.utils.env.dataset_root` (``$MDKD_DATASETS``).
         split_seed: seed of the patient-level splits (config ``DATASETS.SPLIT_SEED``).
         split_fractions: (train, val, test) patient fractions (``DATASETS.SPLIT_FRACTIONS``).
+        label_fraction: share of ``lungct_disjoint_train``'s series that keeps its labels in
+            ``lungct_disjoint_train_labeled`` (``DATASETS.LABEL_FRACTION``).
 
     Returns:
         The registered names.
@@ -190,7 +201,7 @@ def register_builtin(
     """
     root = os.path.abspath(os.path.expanduser(root if root is not None else dataset_root()))
     fractions = tuple(float(f) for f in split_fractions)
-    key = (root, int(split_seed), fractions)
+    key = (root, int(split_seed), fractions, float(label_fraction))
     if _state["key"] == key and all(n in DatasetCatalog for n in BUILTIN_NAMES):
         return list(BUILTIN_NAMES)
     if _state["key"] is not None:
@@ -222,6 +233,13 @@ def register_builtin(
 
         reg(f"lungct_disjoint_{split}", load_disjoint, image_root=os.path.join(root, LUNGCT_DIR),
             **lesion_meta)
+    for part in ("labeled", "unlabeled"):
+        def load_part(part=part) -> List[dict]:
+            recs = lungct_disjoint_split(lungct_pair[0](), lungct_pair[1](), split_seed, fractions)
+            return split_labeled(recs["train"], label_fraction, split_seed)[part]
+
+        reg(f"lungct_disjoint_train_{part}", load_part, image_root=os.path.join(root, LUNGCT_DIR),
+            unlabeled=part == "unlabeled", **lesion_meta)
 
     def lpcd_full():
         return _lung_pet_ct_dx_all(p["lung_pet_ct_dx_dicom_root"], p["lung_pet_ct_dx_annotations"])

@@ -33,6 +33,7 @@ __all__ = [
     "series_overlap_report",
     "split_by_patient",
     "split_counts",
+    "split_labeled",
 ]
 
 logger = logging.getLogger(__name__)
@@ -117,6 +118,46 @@ def split_by_patient(
     out: Dict[str, List[dict]] = {n: [] for n in SPLIT_NAMES}
     for r in records:
         out[assign[group_key(r)]].append(r)
+    return out
+
+
+def split_labeled(records: Sequence[dict], fraction: float, seed: int = 0) -> Dict[str, List[dict]]:
+    """Group-disjoint labelled/unlabelled split of a training set (paper 003, issue 15).
+
+    A seeded ``fraction`` of the groups (:func:`group_key`: patient, else series, else image)
+    keeps its labels; the other groups' records lose theirs. This is the semi-supervised setting
+    of paper 003 on one target: few annotated patients, many unannotated ones, never the same
+    patient on both sides.
+
+    Args:
+        records: dataset records (not modified).
+        fraction: share of the groups that keep their labels, in (0, 1]; rounded to the nearest
+            group count, at least one group.
+        seed: ``random.Random(seed)`` shuffles the sorted group keys (as :func:`split_by_patient`).
+
+    Returns:
+        ``{"labeled": [...], "unlabeled": [...]}``, record copies in input order. Unlabelled
+        records have ``annotations == []`` and ``unlabeled = True``.
+
+    Raises:
+        DatasetError: ``fraction`` not in (0, 1].
+    """
+    fraction = float(fraction)
+    if not (0.0 < fraction <= 1.0):
+        raise DatasetError(f"label fraction must be in (0, 1], got {fraction}")
+    keys = sorted({group_key(r) for r in records})
+    rng = random.Random(seed)
+    rng.shuffle(keys)
+    labeled_keys = set(keys[:max(1, int(round(fraction * len(keys))))])
+    out: Dict[str, List[dict]] = {"labeled": [], "unlabeled": []}
+    for r in records:
+        r = dict(r)
+        if group_key(r) in labeled_keys:
+            out["labeled"].append(r)
+        else:
+            r["annotations"] = []
+            r["unlabeled"] = True
+            out["unlabeled"].append(r)
     return out
 
 

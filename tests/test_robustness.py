@@ -255,6 +255,18 @@ def test_pipeline_stage_skipped_only_with_the_same_config_and_rerun_never_taken_
     res3 = run(3)  # PIPELINE.ITERS 3 after a 2-iteration run: retrained, not silently kept
     assert final_iter() == 2 and res3["fingerprint"] != res2["fingerprint"]
     assert "SOLVER.MAX_ITER: 2 -> 3" in caplog.text
+    # a key added to mdkd_det after the stage ran, at its default: still the same stage
+    rec = json.loads((stage / "stage_result.json").read_text())
+    new_key = "DATASETS.LABEL_FRACTION"
+    rec["config"].pop(new_key)
+    rec["fingerprint"] = "from an older mdkd_det"
+    (stage / "stage_result.json").write_text(json.dumps(rec))
+    run(3)
+    assert final_iter() == 2 and "skipped" in caplog.text
+    rec["config"][new_key + "_REMOVED"] = 1  # a key the code no longer has: retrained
+    (stage / "stage_result.json").write_text(json.dumps(rec))
+    run(3)
+    assert "retraining" in caplog.text
 
     # an interrupted --rerun (killed after the iteration-1 checkpoint) is not "finished"
     class Crash(Exception):

@@ -21,7 +21,9 @@ Each stage is an ordinary trainer run on a config delta, in ``OUTPUT_DIR/<stage>
 teachers in ``OUTPUT_DIR/source_teacher_<name>/``). A stage whose ``model_final.pth`` and
 ``stage_result.json`` exist is skipped (unless in ``PIPELINE.RERUN`` / ``--rerun``) only if the
 :func:`stage_fingerprint` recorded in its ``stage_result.json`` equals the current one (same
-iterations, schedule, data, seed, input checkpoints...); otherwise it is retrained from scratch
+iterations, schedule, data, seed, input checkpoints...) or differs only by config keys that did not
+exist when it ran and now hold their default (:func:`same_stage`: an upgrade of mdkd_det that adds
+an option does not retrain finished stages); otherwise it is retrained from scratch
 and the log names the keys that changed. A stage with only a ``last_checkpoint`` resumes exactly
 if ``stage_progress.json`` (written when the stage starts) holds the same fingerprint, else it
 restarts. Starting a stage afresh (also ``--rerun``) first removes its old results, so an
@@ -57,7 +59,7 @@ import os
 import time
 from typing import Dict, List, Optional, Sequence
 
-from ..config import CfgNode
+from ..config import CfgNode, get_cfg
 from ..engine import comm
 from ..engine.checkpointer import atomic_write_text
 from ..engine.defaults import DefaultTrainer, dataset_output_name
@@ -296,14 +298,14 @@ class PipelineRunner:
         rerun = stage in self.rerun or (stage.startswith("source_teacher") and "source_teachers" in self.rerun)
         if self._done(out) and not rerun:
             res = _read_json(result_file)
-            if res.get("fingerprint") == fingerprint:
+            if same_stage(res, fingerprint, fp_config):
                 logger.info("[pipeline] %s: finished earlier (%s); skipped", name, out)
                 return res
             logger.info("[pipeline] %s: finished earlier with another config (%s); retraining",
                         name, _config_changes(res.get("config"), fp_config))
         progress = _read_json(progress_file)
         resume = (not rerun and not self._done(out) and os.path.isfile(os.path.join(out, "last_checkpoint"))
-                  and progress.get("fingerprint") == fingerprint)
+                  and same_stage(progress, fingerprint, fp_config))
         prior_wall = 0.0
         if resume:  # earlier sessions: each counts until the last file it wrote
             prior_wall = float(progress.get("wall_time_s", 0.0)) + max(
@@ -699,6 +701,25 @@ def stage_fingerprint(cfg: CfgNode):
                 flat[f"file:{p}"] = f"{st.st_size}:{st.st_mtime_ns}" if st else "missing"
     text = json.dumps(flat, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest(), json.loads(text)
+
+
+def same_stage(record: dict, fingerprint: str, config: dict) -> bool:
+    """True if a stage recorded as ``record`` (its ``stage_result.json`` / ``stage_progress.json``:
+    ``fingerprint`` and flat ``config``) computes what ``config`` asks for.
+
+    Either the fingerprints are equal, or every differing key is absent from the recorded config
+    and now holds its default value (:func:`~mdkd_det.config.get_cfg`): a key added to mdkd_det
+    after the stage ran, at a default that keeps the old behaviour (the project's rule for new
+    keys). A key that was removed, or any changed value or input checkpoint, makes it False.
+    """
+    if record.get("fingerprint") == fingerprint:
+        return True
+    old = record.get("config")
+    if not isinstance(old, dict) or set(old) - set(config):
+        return False
+    _, defaults = stage_fingerprint(get_cfg())
+    return all(old[k] == v if k in old else (k in defaults and defaults[k] == v)
+               for k, v in config.items())
 
 
 def _config_changes(old: Optional[dict], new: dict, limit: int = 6) -> str:

@@ -330,7 +330,10 @@ _C.FROZEN_TEACHER.CHANNELS_LAST = False
 # torch.inference_mode() instead of no_grad (bitwise equal; outputs are cloned for autograd).
 _C.FROZEN_TEACHER.INFERENCE_MODE = True
 # bf16 autocast for the teacher forward (CPU AMX/avx512_bf16). Not exact (~1 % of a map's
-# max); off until its AP effect is measured on your teacher (docs/benchmarks.md).
+# max). Measured harmless on the CPU protocol's LungCT teachers (with FOLD_BN + CHANNELS_LAST:
+# |AP change| <= 0.15 points on val and test, docs/benchmarks.md "bf16 teacher AP"); off by
+# default so finished runs and the bitwise joint-teacher start stay as they are. Fastest with
+# FOLD_BN and CHANNELS_LAST on (oneDNN's AMX kernels are NHWC).
 _C.FROZEN_TEACHER.BF16 = False
 
 # --------------------------------------------------------------------------------------------

@@ -23,7 +23,8 @@ teachers in ``OUTPUT_DIR/source_teacher_<name>/``). A stage whose ``model_final.
 :func:`stage_fingerprint` recorded in its ``stage_result.json`` equals the current one (same
 iterations, schedule, data, seed, input checkpoints...) or differs only by config keys that did not
 exist when it ran and now hold their default (:func:`same_stage`: an upgrade of mdkd_det that adds
-an option does not retrain finished stages); otherwise it is retrained from scratch
+an option does not retrain finished stages; a stage finished before fingerprints were recorded
+is compared through its ``config.yaml``, :func:`legacy_record`); otherwise it is retrained from scratch
 and the log names the keys that changed. A stage with only a ``last_checkpoint`` resumes exactly
 if ``stage_progress.json`` (written when the stage starts) holds the same fingerprint, else it
 restarts. Starting a stage afresh (also ``--rerun``) first removes its old results, so an
@@ -298,7 +299,7 @@ class PipelineRunner:
         rerun = stage in self.rerun or (stage.startswith("source_teacher") and "source_teachers" in self.rerun)
         if self._done(out) and not rerun:
             res = _read_json(result_file)
-            if same_stage(res, fingerprint, fp_config):
+            if same_stage(res if "config" in res else legacy_record(out), fingerprint, fp_config):
                 logger.info("[pipeline] %s: finished earlier (%s); skipped", name, out)
                 return res
             logger.info("[pipeline] %s: finished earlier with another config (%s); retraining",
@@ -720,6 +721,30 @@ def same_stage(record: dict, fingerprint: str, config: dict) -> bool:
     _, defaults = stage_fingerprint(get_cfg())
     return all(old[k] == v if k in old else (k in defaults and defaults[k] == v)
                for k, v in config.items())
+
+
+def legacy_record(out: str) -> dict:
+    """``{"fingerprint", "config"}`` of a stage finished by an mdkd_det that did not record them
+    in ``stage_result.json``, rebuilt from the ``config.yaml`` the stage wrote when it started.
+
+    Its input checkpoints (:data:`FINGERPRINT_FILES`) must be older than its
+    ``stage_result.json``; otherwise an upstream stage was retrained after it and ``{}`` is
+    returned (the stage retrains). Also ``{}`` if ``config.yaml`` is missing or unreadable.
+    """
+    path, result = os.path.join(out, "config.yaml"), os.path.join(out, "stage_result.json")
+    try:
+        cfg = get_cfg()
+        cfg.merge_from_file(path)
+        fingerprint, flat = stage_fingerprint(cfg)
+        done = os.path.getmtime(result)
+    except Exception:  # noqa: BLE001 - an unreadable old record: retrain
+        return {}
+    for key in FINGERPRINT_FILES:
+        paths = flat.get(key)
+        for p in ([paths] if isinstance(paths, str) else paths or []):
+            if p and (not os.path.isfile(p) or os.path.getmtime(p) > done):
+                return {}
+    return {"fingerprint": fingerprint, "config": flat}
 
 
 def _config_changes(old: Optional[dict], new: dict, limit: int = 6) -> str:

@@ -417,6 +417,19 @@ _C.KD.CLS.K = 3
 _C.KD.CLS.LAYER_SELECTION = "late"
 # Iterations per schedule "epoch" (A7); 0 = one pass over the training set.
 _C.KD.EPOCH_ITERS = 0
+# Semi-supervised KD on unlabelled target images (paper 003 Eq. 3, detection form; issue 15):
+# each KD step also draws a batch of DATASETS.TRAIN_UNLABELED, runs the student on it without
+# targets (no task loss) and the frozen teacher on the same images and student regions, and adds
+# loss_unlabeled_<term> = WEIGHT * cf * (KD.W_<term> * term). Off by default.
+_C.KD.UNLABELED = CN()
+_C.KD.UNLABELED.ENABLED = False
+# Weight of the unlabelled KD terms relative to the labelled ones (dimensionless).
+_C.KD.UNLABELED.WEIGHT = 1.0
+# Unlabelled images per step, over all processes; 0 = SOLVER.IMS_PER_BATCH.
+_C.KD.UNLABELED.IMS_PER_BATCH = 0
+# KD terms applied to unlabelled images, by loss name without "loss_" (paper_notes 3.3: soft
+# labels only, no hard labels): feature alignment, attention, region class KD, region embeddings.
+_C.KD.UNLABELED.TERMS = ("FAlgn", "Att", "ClsKD", "ROIKD")
 
 # --------------------------------------------------------------------------------------------
 # The MDKD pipeline (baselines -> Stage 1 -> Stage 2 -> Stage 3; paper Algorithm 1)

@@ -1,5 +1,6 @@
 """Issue 15 / paper 003: semi-supervised KD on unlabelled target images (KD.UNLABELED)."""
 
+import json
 import math
 
 import pytest
@@ -208,3 +209,86 @@ def test_family_without_unlabeled_forward_is_a_config_error(tmp_path, data_root,
     monkeypatch.delattr(TorchvisionFasterRCNNAdapter, "student_forward_unlabeled")
     with pytest.raises(ConfigError, match="KD.UNLABELED.ENABLED: MODEL.META_ARCHITECTURE 'faster_rcnn'"):
         KDTrainer(_semi_cfg(tmp_path / "s", tdir))
+
+
+# ---- PIPELINE.EXTRA_STUDENTS ---------------------------------------------------------------
+SEMI_ROW = f"+unlabelled: KD.UNLABELED.ENABLED True DATASETS.TRAIN_UNLABELED \"('{UNLAB}',)\""
+
+
+def _pipe_cfg(out, extra=(SEMI_ROW,)):
+    return tiny_cfg(out, max_iter=1, **{
+        "PIPELINE.ENABLED": True, "PIPELINE.SOURCES": "()",
+        "PIPELINE.STAGES": "('dataset_specific', 'target_teacher', 'joint_teacher', 'student')",
+        "PIPELINE.EXTRA_STUDENTS": repr(tuple(extra)), "PIPELINE.BOOTSTRAP_RESAMPLES": 20,
+        "DATASETS.TRAIN": f"('{LAB}',)", "DATASETS.TRAIN_LIMIT": 4, "DATASETS.TEST_LIMIT": 2,
+        "TEST.VIS_NUM": 0, "KD.CF.SCHEDULE": "constant", "KD.UNLABELED.IMS_PER_BATCH": 1})
+
+
+def test_parse_extra_students():
+    from mdkd_det.pipeline.runner import ExtraStudent, parse_extra_students
+
+    rows = parse_extra_students(["+KMM: KD.W_CON 0.1", SEMI_ROW, "No Att (ablation): KD.W_ATT 0.0"])
+    assert rows[0] == ExtraStudent("+KMM", "student_kmm", ("KD.W_CON", "0.1"))
+    assert rows[1].key == "student_unlabelled" and rows[1].opts == (
+        "KD.UNLABELED.ENABLED", "True", "DATASETS.TRAIN_UNLABELED", f"('{UNLAB}',)")
+    assert rows[2].key == "student_no_att_ablation"
+    for bad, match in [("KD.W_CON 0.1", "must be '<row name>: KEY VALUE"),
+                       ("x: KD.W_CON", "needs KEY VALUE pairs"), ("x:", "needs KEY VALUE pairs"),
+                       ("x: SEED 3", "set by the pipeline"), ("x: KD.W_CON \"0.1", "quotation")]:
+        with pytest.raises(ConfigError, match=match):
+            parse_extra_students([bad])
+    with pytest.raises(ConfigError, match="folder name 'student_a_b'"):
+        parse_extra_students(["a b: KD.W_CON 0.1", "A-B: KD.W_CON 0.2"])
+
+
+def test_extra_student_cfg_and_errors_before_training(tmp_path):
+    from mdkd_det.pipeline import PipelineRunner
+
+    cfg = _pipe_cfg(tmp_path / "p", extra=(SEMI_ROW, "+KMM: KD.W_CON 0.5"))
+    cfg.PIPELINE.SEEDS = (0, 4)
+    r = PipelineRunner(cfg)
+    student = r.stage_cfg("student")
+    semi = r.extra_student_cfg(r.extra_students[0])
+    assert semi.OUTPUT_DIR == str(tmp_path / "p" / "student_unlabelled")
+    assert semi.KD.UNLABELED.ENABLED and list(semi.DATASETS.TRAIN_UNLABELED) == [UNLAB]
+    assert not student.KD.UNLABELED.ENABLED and list(student.DATASETS.TRAIN_UNLABELED) == []
+    assert semi.KD.TEACHER_WEIGHTS == student.KD.TEACHER_WEIGHTS and semi.SOLVER.dump() == student.SOLVER.dump()
+    s4 = r.extra_student_cfg(r.extra_students[1], seed=4)
+    assert s4.SEED == 4 and s4.KD.W_CON == 0.5 and s4.OUTPUT_DIR == str(tmp_path / "p" / "seed_4" / "student_kmm")
+    assert {"student", "student_unlabelled", "student_kmm"} <= set(r.schedules())
+    for extra, match in [("+bad: KD.NOPE 1", "row '\\+bad': unknown config key 'KD.NOPE'"),
+                         ("+bad: KD.W_CON -1.0", "row '\\+bad': KD.W_CON = -1.0"),
+                         ("+bad: KD.W_CON abc", "row '\\+bad': command line"),
+                         ("+bad: KD.UNLABELED.ENABLED True", "row '\\+bad': KD.UNLABELED.ENABLED needs DATASETS")]:
+        with pytest.raises(ConfigError, match=match) as e:
+            PipelineRunner(_pipe_cfg(tmp_path / "q", extra=(extra,)))
+        assert "\n" not in str(e.value)
+    assert not (tmp_path / "q").exists()  # nothing was trained or written
+    # a longer schedule in a row breaks schedule parity: the check names it
+    cfg = _pipe_cfg(tmp_path / "p", extra=("+long: SOLVER.MAX_ITER 7",))
+    cfg.PIPELINE.ITERS.DATASET_SPECIFIC = cfg.PIPELINE.ITERS.STUDENT = 0
+    assert "student_long 7 it" in PipelineRunner(cfg).check_schedule_parity()
+
+
+@pytest.mark.slow  # ~1-2 min on the shared 2-core machine
+@pytest.mark.timeout(900)
+def test_pipeline_with_a_semi_supervised_row(tmp_path, data_root):
+    from mdkd_det.engine.cli import main
+
+    out = tmp_path / "mdkd"
+    cfg_file = tmp_path / "mdkd.yaml"
+    cfg_file.write_text(_pipe_cfg(out).dump())
+    assert main(["--config-file", str(cfg_file)]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["rows"]) == {"dataset_specific", "joint_teacher", "student", "student_unlabelled"}
+    assert res["rows"]["student_unlabelled"]["checkpoint"] == str(out / "student_unlabelled" / "model_student.pth")
+    assert "loss_unlabeled_ClsKD" in (out / "student_unlabelled" / "metrics.json").read_text()
+    assert "loss_unlabeled" not in (out / "student" / "metrics.json").read_text()
+    assert set(res["paired"]) == {"student_minus_dataset_specific", "student_unlabelled_minus_dataset_specific"}
+    md = (out / "results.md").read_text()
+    assert "| Student +unlabelled |" in md and "Student +unlabelled − dataset-specific" in md
+    # second run: finished rows are skipped; --rerun student retrains the extra row too
+    mtime = (out / "student_unlabelled" / "model_final.pth").stat().st_mtime
+    assert main(["--config-file", str(cfg_file)]) == 0
+    assert (out / "student_unlabelled" / "model_final.pth").stat().st_mtime == mtime
+    assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]

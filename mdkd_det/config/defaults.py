@@ -481,6 +481,12 @@ _C.PIPELINE.VAL_PERIOD = 0
 # every seed: the first in OUTPUT_DIR/<stage>/, seed s in OUTPUT_DIR/seed_<s>/<stage>/, every
 # student distilled from the shared joint teacher (docs/statistics.md).
 _C.PIPELINE.SEEDS = ()
+# Extra student rows (ablations, issue 15): each entry "<row name>: KEY VALUE [KEY VALUE ...]"
+# (shlex-split) is applied with merge_from_list onto the student stage's config; the row is
+# trained like the student (same joint teacher, schedule and seeds) in
+# OUTPUT_DIR/[seed_<s>/]student_<slug of the name>/ and reported beside it in results.md with its
+# paired difference to the dataset-specific row. E.g. "+unlabelled 90%: KD.UNLABELED.ENABLED True".
+_C.PIPELINE.EXTRA_STUDENTS = ()
 # Paired bootstrap of student - dataset_specific over the test images (detection: COCO AP/AP50):
 # number of resamples (0 = no interval, per-seed differences only) and the resampling RNG seed.
 _C.PIPELINE.BOOTSTRAP_RESAMPLES = 1000

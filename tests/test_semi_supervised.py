@@ -241,7 +241,7 @@ def test_parse_extra_students():
         parse_extra_students(["a b: KD.W_CON 0.1", "A-B: KD.W_CON 0.2"])
 
 
-def test_extra_student_cfg_and_errors_before_training(tmp_path):
+def test_extra_student_cfg_and_errors_before_training(tmp_path, capsys):
     from mdkd_det.pipeline import PipelineRunner
 
     cfg = _pipe_cfg(tmp_path / "p", extra=(SEMI_ROW, "+KMM: KD.W_CON 0.5"))
@@ -264,6 +264,15 @@ def test_extra_student_cfg_and_errors_before_training(tmp_path):
             PipelineRunner(_pipe_cfg(tmp_path / "q", extra=(extra,)))
         assert "\n" not in str(e.value)
     assert not (tmp_path / "q").exists()  # nothing was trained or written
+    from mdkd_det.engine.cli import main
+
+    cfg_file = tmp_path / "bad.yaml"
+    cfg_file.write_text(_pipe_cfg(tmp_path / "q", extra=("+bad: KD.NOPE 1",)).dump())
+    capsys.readouterr()
+    assert main(["--config-file", str(cfg_file)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: ")]
+    assert len(err) == 1 and "PIPELINE.EXTRA_STUDENTS row '+bad'" in err[0]
+    assert not (tmp_path / "q" / "dataset_specific").exists()  # no stage started
     # a longer schedule in a row breaks schedule parity: the check names it
     cfg = _pipe_cfg(tmp_path / "p", extra=("+long: SOLVER.MAX_ITER 7",))
     cfg.PIPELINE.ITERS.DATASET_SPECIFIC = cfg.PIPELINE.ITERS.STUDENT = 0

@@ -327,22 +327,15 @@ class PipelineRunner:
                 continue  # it is the target teacher's run (A24)
             c = self.stage_cfg(stage, src)
             so = c.SOLVER
-            lr = f"{so.OPTIMIZER} {float(so.BASE_LR):g} {so.LR_SCHEDULER_NAME}"
-            if "MultiStep" in so.LR_SCHEDULER_NAME:
-                lr += f" steps {list(so.STEPS)} x{float(so.GAMMA):g}"
-            lr += f" warmup {int(so.WARMUP_ITERS)} x{float(so.WARMUP_FACTOR):g}"
+            lr = _lr_text(so)
             per_step = int(c.ADVERSARIAL.TARGET_IMS_PER_BATCH) if stage == "source_teacher" \
                 else int(so.IMS_PER_BATCH)
             name = f"source_teacher_{dataset_output_name(src)}" if src else stage
             out[name] = {"iters": int(so.MAX_ITER), "target_images": int(so.MAX_ITER) * per_step, "lr": lr}
         for row in self.extra_students:  # labelled target images per step, as the student
             so = self.extra_student_cfg(row).SOLVER
-            lr = f"{so.OPTIMIZER} {float(so.BASE_LR):g} {so.LR_SCHEDULER_NAME}"
-            if "MultiStep" in so.LR_SCHEDULER_NAME:
-                lr += f" steps {list(so.STEPS)} x{float(so.GAMMA):g}"
-            lr += f" warmup {int(so.WARMUP_ITERS)} x{float(so.WARMUP_FACTOR):g}"
             out[row.key] = {"iters": int(so.MAX_ITER), "target_images": int(so.MAX_ITER) * int(so.IMS_PER_BATCH),
-                            "lr": lr}
+                            "lr": _lr_text(so)}
         return out
 
     def check_schedule_parity(self) -> Optional[str]:
@@ -891,6 +884,14 @@ def _mean_sd(values) -> dict:
     mean = sum(v) / n if n else None
     sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1)) if n > 1 else None
     return {"mean": _num(mean, 4), "sd": _num(sd, 4), "n": n}
+
+
+def _lr_text(so) -> str:
+    """``optimizer base_lr scheduler [steps x gamma] warmup`` of a ``SOLVER`` node (parity check)."""
+    lr = f"{so.OPTIMIZER} {float(so.BASE_LR):g} {so.LR_SCHEDULER_NAME}"
+    if "MultiStep" in so.LR_SCHEDULER_NAME:
+        lr += f" steps {list(so.STEPS)} x{float(so.GAMMA):g}"
+    return lr + f" warmup {int(so.WARMUP_ITERS)} x{float(so.WARMUP_FACTOR):g}"
 
 
 def _extra_title(row: ExtraStudent) -> str:

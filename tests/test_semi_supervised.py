@@ -279,7 +279,6 @@ def test_extra_student_cfg_and_errors_before_training(tmp_path, capsys):
     assert "student_long 7 it" in PipelineRunner(cfg).check_schedule_parity()
 
 
-@pytest.mark.slow  # ~1-2 min on the shared 2-core machine
 @pytest.mark.timeout(900)
 def test_pipeline_with_a_semi_supervised_row(tmp_path, data_root):
     from mdkd_det.engine.cli import main

@@ -286,17 +286,29 @@ def test_pipeline_with_a_semi_supervised_row(tmp_path, data_root):
     out = tmp_path / "mdkd"
     cfg_file = tmp_path / "mdkd.yaml"
     cfg_file.write_text(_pipe_cfg(out).dump())
-    assert main(["--config-file", str(cfg_file)]) == 0
+    run = ["--config-file", str(cfg_file), "--seeds", "0", "1"]
+    assert main(run) == 0
     res = json.loads((out / "results.json").read_text())
     assert set(res["rows"]) == {"dataset_specific", "joint_teacher", "student", "student_unlabelled"}
     assert res["rows"]["student_unlabelled"]["checkpoint"] == str(out / "student_unlabelled" / "model_student.pth")
-    assert "loss_unlabeled_ClsKD" in (out / "student_unlabelled" / "metrics.json").read_text()
+    for d in (out / "student_unlabelled", out / "seed_1" / "student_unlabelled"):
+        assert "loss_unlabeled_ClsKD" in (d / "metrics.json").read_text()
+    assert "SEED: 1" in (out / "seed_1" / "student_unlabelled" / "config.yaml").read_text()
     assert "loss_unlabeled" not in (out / "student" / "metrics.json").read_text()
+    assert set(res["per_seed"]["student_unlabelled"]) == {"0", "1"}
+    assert res["summary"]["student_unlabelled"]["AP"]["n"] == 2
+    paired = res["paired"]["student_unlabelled_minus_dataset_specific"]["AP"]
     assert set(res["paired"]) == {"student_minus_dataset_specific", "student_unlabelled_minus_dataset_specific"}
+    diffs = [res["per_seed"]["student_unlabelled"][s]["AP"] - res["per_seed"]["dataset_specific"][s]["AP"]
+             for s in ("0", "1")]
+    assert paired["seeds"] == [0, 1] and paired["per_seed"] == pytest.approx(diffs, abs=2e-3)
     md = (out / "results.md").read_text()
     assert "| Student +unlabelled |" in md and "Student +unlabelled − dataset-specific" in md
-    # second run: finished rows are skipped; --rerun student retrains the extra row too
+    assert "seed_1/student_unlabelled" in res["wall_time_s"]
+    # second run: finished rows are skipped; --rerun student retrains the extra rows too
     mtime = (out / "student_unlabelled" / "model_final.pth").stat().st_mtime
-    assert main(["--config-file", str(cfg_file)]) == 0
+    assert main(run) == 0
     assert (out / "student_unlabelled" / "model_final.pth").stat().st_mtime == mtime
     assert json.loads((out / "results.json").read_text())["rows"] == res["rows"]
+    assert main(["--config-file", str(cfg_file), "--stage", "student", "--rerun", "student"]) == 0
+    assert (out / "student_unlabelled" / "model_final.pth").stat().st_mtime != mtime

@@ -1,7 +1,6 @@
 """Issue 15 / paper 003: semi-supervised KD on unlabelled target images (KD.UNLABELED)."""
 
 import json
-import math
 
 import pytest
 import torch

@@ -308,3 +308,43 @@ def test_dinov2_rfdetr_exports_to_plain_lwdetr():
         a, b = ours.detr(x), lw(x)
     assert torch.allclose(a["pred_logits"], b["pred_logits"], atol=1e-5)
     assert torch.allclose(a["pred_boxes"], b["pred_boxes"], atol=1e-5)
+
+
+def test_unlabeled_kd_rfdetr_equals_the_labelled_path_without_the_criterion():
+    """KD.UNLABELED (paper 003): RF-DETR's forward without targets gives the same KD terms as
+    the labelled forward's taps (the decoder ignores targets), and never calls the criterion."""
+    import copy
+
+    from mdkd_det.distill.distiller import freeze_teacher
+    from mdkd_det.distill.mixin import KDTrainerMixin
+    from mdkd_det.distill.taps import TapRecorder
+    from mdkd_det.distill.trainer import build_distiller
+
+    cfg = _cfg(**{"KD.CF.SCHEDULE": "constant"})
+    torch.manual_seed(0)
+    student = build_model(cfg)
+    teacher = copy.deepcopy(student)
+    with torch.no_grad():
+        for p in teacher.detr.class_embed.parameters():
+            p.add_(0.5)
+    distiller = build_distiller(cfg, student, freeze_teacher(teacher))
+    student.train()
+    imgs, tgts = _batch()
+    torch.manual_seed(1)
+    with TapRecorder(student, distiller.adapter.student_taps()) as rec:
+        student(imgs, tgts)
+    ref = distiller(distiller.adapter.student_inputs(rec), distiller.teacher_inputs(rec), epoch=0.0)
+
+    def no_criterion(*a, **k):
+        raise AssertionError("the criterion (task loss) ran on unlabelled images")
+
+    student.criterion.forward = no_criterion
+    mixin = KDTrainerMixin()
+    mixin.distiller, mixin.unlabeled_weight = distiller, 0.5
+    mixin.unlabeled_terms = ("loss_ClsKD", "loss_ROIKD", "loss_FAlgn")
+    torch.manual_seed(1)
+    out = mixin.unlabeled_kd(student, [{"image": i} for i in imgs], epoch=0.0)
+    assert set(out) == {"loss_unlabeled_ClsKD", "loss_unlabeled_ROIKD", "loss_unlabeled_FAlgn"}
+    for k, v in out.items():
+        assert v.item() == pytest.approx(0.5 * ref["loss_" + k[len("loss_unlabeled_"):]].item(), rel=1e-5)
+    assert out["loss_unlabeled_ClsKD"].item() > 1e-6

@@ -420,6 +420,19 @@ _C.KD.CLS.K = 3
 _C.KD.CLS.LAYER_SELECTION = "late"
 # Iterations per schedule "epoch" (A7); 0 = one pass over the training set.
 _C.KD.EPOCH_ITERS = 0
+# Semi-supervised KD on unlabelled target images (paper 003 Eq. 3, detection form; issue 15):
+# each KD step also draws a batch of DATASETS.TRAIN_UNLABELED, runs the student on it without
+# targets (no task loss) and the frozen teacher on the same images and student regions, and adds
+# loss_unlabeled_<term> = WEIGHT * cf * (KD.W_<term> * term). Off by default.
+_C.KD.UNLABELED = CN()
+_C.KD.UNLABELED.ENABLED = False
+# Weight of the unlabelled KD terms relative to the labelled ones (dimensionless).
+_C.KD.UNLABELED.WEIGHT = 1.0
+# Unlabelled images per step, over all processes; 0 = SOLVER.IMS_PER_BATCH.
+_C.KD.UNLABELED.IMS_PER_BATCH = 0
+# KD terms applied to unlabelled images, by loss name without "loss_" (paper_notes 3.3: soft
+# labels only, no hard labels): feature alignment, attention, region class KD, region embeddings.
+_C.KD.UNLABELED.TERMS = ("FAlgn", "Att", "ClsKD", "ROIKD")
 
 # --------------------------------------------------------------------------------------------
 # The MDKD pipeline (baselines -> Stage 1 -> Stage 2 -> Stage 3; paper Algorithm 1)
@@ -471,6 +484,12 @@ _C.PIPELINE.VAL_PERIOD = 0
 # every seed: the first in OUTPUT_DIR/<stage>/, seed s in OUTPUT_DIR/seed_<s>/<stage>/, every
 # student distilled from the shared joint teacher (docs/statistics.md).
 _C.PIPELINE.SEEDS = ()
+# Extra student rows (ablations, issue 15): each entry "<row name>: KEY VALUE [KEY VALUE ...]"
+# (shlex-split) is applied with merge_from_list onto the student stage's config; the row is
+# trained like the student (same joint teacher, schedule and seeds) in
+# OUTPUT_DIR/[seed_<s>/]student_<slug of the name>/ and reported beside it in results.md with its
+# paired difference to the dataset-specific row. E.g. "+unlabelled 90%: KD.UNLABELED.ENABLED True".
+_C.PIPELINE.EXTRA_STUDENTS = ()
 # Paired bootstrap of student - dataset_specific over the test images (detection: COCO AP/AP50):
 # number of resamples (0 = no interval, per-seed differences only) and the resampling RNG seed.
 _C.PIPELINE.BOOTSTRAP_RESAMPLES = 1000

@@ -180,6 +180,8 @@ DOMAINS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "KD.W_ROIKD": num_ge(0.0),
     "KD.W_KLD": num_ge(0.0),
     "KD.TEMPERATURE": num_gt(0.0),
+    "KD.UNLABELED.WEIGHT": num_ge(0.0),
+    "KD.UNLABELED.IMS_PER_BATCH": int_ge(0),
     "KD.QUERY_TOPK": int_ge(0),
     "KD.CF.WARMUP": num_ge(0.0),
     "KD.CF.RAMP": num_ge(0.0),

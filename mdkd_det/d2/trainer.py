@@ -119,9 +119,16 @@ class MDKDTrainer(DefaultTrainer):
 
     Args:
         cfg: detectron2 config with :func:`add_mdkd_config` keys.
+
+    Raises:
+        ConfigError: ``KD.UNLABELED.ENABLED`` (semi-supervised KD runs in our trainer only).
     """
 
     def __init__(self, cfg) -> None:
+        unlabeled = cfg.KD.get("UNLABELED") if "KD" in cfg else None
+        if unlabeled is not None and unlabeled.get("ENABLED", False):
+            raise ConfigError("KD.UNLABELED.ENABLED: semi-supervised KD is implemented for the "
+                              "mdkd_det trainer (tools/train_net.py), not the detectron2 one")
         register_mdkd_datasets(cfg)
         self.distiller = None
         super().__init__(cfg)

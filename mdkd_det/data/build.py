@@ -23,18 +23,24 @@ from .samplers import GroupedBatchSampler, InferenceSampler, TrainingSampler
 logger = logging.getLogger(__name__)
 
 
-def get_dataset_records(cfg, names: Sequence[str], limit: int = 0, check_classes: bool = False) -> List[dict]:
+def get_dataset_records(cfg, names: Sequence[str], limit: int = 0, check_classes: bool = False,
+                        drop_labels: bool = False) -> List[dict]:
     """Load, validate (``DATASETS.BOX_POLICY``, ``KEEP_EMPTY``) and concatenate datasets.
 
     Built-in names are registered under ``dataset_root(cfg)`` first; ``coco:<json>:<dir>``
     names register themselves. With ``check_classes`` (training sets) every annotation's
     ``category_id`` must lie in ``[0, NUM_CLASSES)`` of the task's ``num_classes_key``.
+    With ``drop_labels`` (the unlabelled stream of ``KD.UNLABELED``, paper 003) every record's
+    ``annotations`` are replaced by ``[]`` before anything reads them and empty records are
+    kept; each dataset must be unlabelled (metadata ``unlabeled``, or no record has annotations).
 
     Raises:
         DatasetError: unknown name, missing image, bad box (policy "error"), category id beyond
             the model's class count (naming the file and the key), empty result.
+        ConfigError: with ``drop_labels``, a labelled dataset (named, with
+            ``DATASETS.TRAIN_UNLABELED``).
     """
-    from ..utils.errors import DatasetError
+    from ..utils.errors import ConfigError, DatasetError
 
     register_builtin(dataset_root(cfg), split_seed=int(cfg.DATASETS.SPLIT_SEED),
                      split_fractions=tuple(cfg.DATASETS.SPLIT_FRACTIONS),
@@ -51,8 +57,13 @@ def get_dataset_records(cfg, names: Sequence[str], limit: int = 0, check_classes
             raise DatasetError(f"dataset '{name}' is unlabelled (its boxes were removed): it cannot "
                                f"be a supervised training set; list it in DATASETS.TRAIN_UNLABELED")
         recs = DatasetCatalog.get(name)
+        if drop_labels:
+            if not MetadataCatalog.get(name).get("unlabeled", False) and any(r.get("annotations") for r in recs):
+                raise ConfigError(f"DATASETS.TRAIN_UNLABELED: dataset '{name}' is labelled; list "
+                                  "unlabelled sets only (e.g. lungct_disjoint_train_unlabeled)")
+            recs = [dict(r, annotations=[]) for r in recs]  # boxes are never read
         recs = check_records(
-            recs, name, box_policy=cfg.DATASETS.BOX_POLICY, keep_empty=cfg.DATASETS.KEEP_EMPTY,
+            recs, name, box_policy=cfg.DATASETS.BOX_POLICY, keep_empty=cfg.DATASETS.KEEP_EMPTY or drop_labels,
             num_classes=num_classes, num_classes_key=key,
         )
         records.extend(recs)

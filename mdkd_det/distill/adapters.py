@@ -9,7 +9,12 @@ An adapter knows three things about a family and nothing about the KD losses:
    transformed batch and, where regions must correspond, on the student's regions, and return
    :class:`KDInputs` aligned item by item with the student's.
 
-Optionally, 4. ``kd_shapes(student, teacher)`` -> ``(student_shapes, teacher_shapes,
+Optionally, 4. ``student_forward_unlabeled(student, images)`` -> a :class:`TapRecorder` with
+the same records as (1) from a forward *without targets* (no task loss; paper 003's unlabelled
+target images, ``KD.UNLABELED``), so (2)-(3) and the distiller apply unchanged. Families
+without it cannot train with ``KD.UNLABELED.ENABLED``.
+
+Optionally, 5. ``kd_shapes(student, teacher)`` -> ``(student_shapes, teacher_shapes,
 level_pairs)`` when the distilled levels are not the backbones' own levels paired by stride
 (classification: :mod:`mdkd_det.distill.cls_adapter`).
 
@@ -21,13 +26,13 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
 
 from ..modeling.registry import Registry
-from .taps import Tap, register_detector_taps, teacher_roi_outputs
+from .taps import Tap, TapRecorder, register_detector_taps, teacher_roi_outputs
 
 KD_ADAPTER_REGISTRY = Registry("KD_ADAPTER", entry_point_group="mdkd_det.kd_adapters")
 
@@ -129,6 +134,46 @@ class TorchvisionFasterRCNNAdapter(TwoStageAdapter):
     def teacher_regions(self, teacher: nn.Module, feats, rec):
         """:func:`teacher_roi_outputs` on ``rec["sampled"][0]`` (proposal boxes)."""
         return teacher_roi_outputs(teacher, feats, rec["sampled"][0], rec["images"][0].image_sizes)
+
+    def student_forward_unlabeled(self, student: nn.Module, images: List[torch.Tensor]) -> TapRecorder:
+        """Student forward on unlabelled images, without targets (paper 003 Eq. 3, detection
+        form; ``KD.UNLABELED``), recording what :meth:`student_inputs` / :meth:`teacher_inputs`
+        read.
+
+        The transform (train-size resize) and the backbone run in the student's own mode (train:
+        BatchNorm uses and updates batch statistics, as in the labelled forward); the RPN runs in
+        inference mode (``MODEL.RPN.*_TOPK_TEST`` proposals after NMS, no loss, no targets); the
+        RoI head's box pooler, box head and predictor then run on *all* those proposals, with
+        autograd (no sampling, no box post-processing). ``rec["sampled"] = (proposals,)`` makes
+        them the regions the teacher's RoI head reads, as the sampled RoIs of a labelled step.
+
+        Args:
+            student: torchvision ``FasterRCNN`` (or its DDP wrapper).
+            images: ``list[Tensor[C, H, W]]`` in [0, 1] at their original size (px), on the
+                model's device.
+
+        Returns:
+            The closed recorder: ``images`` ``(ImageList, None)``, ``features``, ``sampled``
+            ``(list[Tensor[P_i, 4]] xyxy px,)``, ``box_features`` ``[sum P_i, D]``,
+            ``box_predictor`` ``(logits [sum P_i, K+1], deltas)``.
+        """
+        model = _unwrap(student)
+        rpn, roi_heads = model.rpn, model.roi_heads
+        modes = (rpn.training, roi_heads.training)
+        with TapRecorder(model, self.student_taps()) as rec:
+            try:
+                rpn.train(False)
+                roi_heads.train(False)
+                image_list, _ = model.transform(images)
+                feats = model.backbone(image_list.tensors)
+                proposals, _ = rpn(image_list, feats)
+                pooled = roi_heads.box_roi_pool(feats, proposals, image_list.image_sizes)
+                roi_heads.box_predictor(roi_heads.box_head(pooled))
+            finally:
+                rpn.train(modes[0])
+                roi_heads.train(modes[1])
+        rec.records["sampled"] = (proposals,)
+        return rec
 
 
 @KD_ADAPTER_REGISTRY.register("encoder_features")

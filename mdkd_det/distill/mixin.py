@@ -13,16 +13,22 @@ on the same transformed batch (and on the student's regions); (3) the distiller 
 added to the task loss dict (task terms scaled by alpha = ``KD.W_TASK``). When cf = 0 (warm-up)
 the teacher is not run at all. Each KD term is its own loss-dict entry, so it is logged
 separately to metrics.json and TensorBoard by the trainer.
+
+Semi-supervised KD (``KD.UNLABELED``, paper 003 Eq. 3; :mod:`mdkd_det.distill.unlabeled`): when
+an ``unlabeled_loader`` is attached, every step draws one unlabelled batch (also during the
+warm-up, so the stream stays a function of the iteration and resumes exactly) and, when KD is
+active, :meth:`KDTrainerMixin.unlabeled_kd` adds its ``loss_unlabeled_<term>`` entries.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 from torch import nn
 
+from ..utils.device import model_device, to_device
 from .distiller import Distiller
 from .taps import TapRecorder
 
@@ -34,11 +40,19 @@ class KDTrainerMixin:
         distiller: :class:`Distiller` (teacher, adapter, connectors, schedules).
         epoch_iters: iterations per schedule "epoch" (A7), > 0.
         task_weight: alpha of Eq. 24.
+        unlabeled_loader: optional infinite loader of unlabelled batches (``KD.UNLABELED``);
+            ``iter()`` is called once, one batch is drawn per step.
+        unlabeled_weight: ``KD.UNLABELED.WEIGHT``.
+        unlabeled_terms: distiller loss keys kept for unlabelled images (``"loss_ClsKD"``...).
     """
 
     distiller: Distiller
     epoch_iters: int = 1
     task_weight: float = 1.0
+    unlabeled_loader: Optional[Iterable] = None
+    unlabeled_weight: float = 1.0
+    unlabeled_terms: Sequence[str] = ()
+    _unlabeled_iter = None
 
     @property
     def epoch(self) -> float:
@@ -61,6 +75,7 @@ class KDTrainerMixin:
             while cf = 0, when the teacher is not run at all).
         """
         epoch = self.epoch
+        unlabeled = self._next_unlabeled()  # every step: the stream follows the iteration
         if not self.distiller.active(epoch):
             return {k: self.task_weight * v for k, v in forward().items()}
         student = student.module if hasattr(student, "module") else student
@@ -72,7 +87,44 @@ class KDTrainerMixin:
         kd = self.distiller(s_in, t_in, epoch)
         out = {k: self.task_weight * v for k, v in losses.items()}
         out.update(kd)
+        if unlabeled is not None:
+            out.update(self.unlabeled_kd(student, unlabeled, epoch))
         return out
+
+    def _next_unlabeled(self) -> Optional[List[Dict[str, Any]]]:
+        if self.unlabeled_loader is None:
+            return None
+        if self._unlabeled_iter is None:
+            self._unlabeled_iter = iter(self.unlabeled_loader)
+        return next(self._unlabeled_iter)
+
+    def unlabeled_kd(self, student: nn.Module, batch: List[Dict[str, Any]],
+                     epoch: float) -> Dict[str, torch.Tensor]:
+        """KD terms on one unlabelled batch (paper 003 Eq. 3, detection form; ``KD.UNLABELED``).
+
+        The adapter's ``student_forward_unlabeled`` runs the student on ``batch``'s images
+        without targets (no task loss; ``d["target"]`` is never read), the frozen teacher runs
+        on the same transformed images and the student's regions (``Distiller.teacher_inputs``)
+        and the distiller computes its terms at ``epoch``.
+
+        Args:
+            student: the student (unwrapped).
+            batch: mapped records ``[{"image": Tensor[C, H, W], ...}]``.
+            epoch: schedule epoch (A7).
+
+        Returns:
+            ``{"loss_unlabeled_<term>": unlabeled_weight * cf * w * term}`` for the distiller
+            terms named in :attr:`unlabeled_terms` (``loss_ClsKD`` -> ``loss_unlabeled_ClsKD``).
+        """
+        device = model_device(student)
+        images = [to_device(d["image"], device) for d in batch]
+        rec = self.distiller.adapter.student_forward_unlabeled(student, images)
+        s_in = self.distiller.adapter.student_inputs(rec)
+        t_in = self.distiller.teacher_inputs(rec)
+        kd = self.distiller(s_in, t_in, epoch)
+        w = float(self.unlabeled_weight)
+        return {"loss_unlabeled_" + k[len("loss_"):]: w * v for k, v in kd.items()
+                if k in self.unlabeled_terms}
 
     def compute_losses(self, batch: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
         """:meth:`kd_forward` around :meth:`SimpleTrainer.compute_losses` (our trainer's

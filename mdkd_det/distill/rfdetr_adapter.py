@@ -80,6 +80,26 @@ class RFDETRAdapter:
         return KDInputs(features=rec["features"], region_logits=logits.flatten(0, 1),
                         region_embeddings=hs.flatten(0, 1))
 
+    def student_forward_unlabeled(self, student: nn.Module, images) -> TapRecorder:
+        """Student forward on unlabelled images without targets (``KD.UNLABELED``, paper 003
+        Eq. 3): the transform and ``model.detr`` run in the student's own (train) mode, so all
+        query groups are decoded as in a labelled step (group 0 is distilled); the criterion
+        (task loss) is not called.
+
+        Args:
+            student: :class:`RFDETRDetector` (or its DDP wrapper).
+            images: ``list[Tensor[C, H, W]]`` in [0, 1] (px at any size), on the model's device.
+
+        Returns:
+            The closed recorder with the preset's records (``images``, ``features``,
+            ``outputs``, ``hs``).
+        """
+        model = _unwrap(student)
+        with TapRecorder(model, self.student_taps()) as rec:
+            image_list, _ = model.transform(images, None)
+            model.detr(image_list.tensors)
+        return rec
+
     def teacher_inputs(self, teacher: nn.Module, rec: TapRecorder) -> KDInputs:
         """Teacher forward (eval, ``no_grad``) on the student's transformed batch; its query rows
         reordered to pair with :meth:`student_inputs` (Hungarian, A10).

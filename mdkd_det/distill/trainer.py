@@ -6,6 +6,8 @@ checkpoint), ``KD.W_*`` weights, ``KD.CF.*`` curriculum, ``KD.TEMPERATURE[_SCHED
 ``KD.CLS`` layer selection). The student is ``MODEL.*``. After training, the
 student alone is exported to ``OUTPUT_DIR/model_student.pth`` (``{"model": state_dict}``: no
 teacher, hook or connector keys), loadable by the dataset-specific baseline config.
+``KD.UNLABELED.ENABLED`` adds the semi-supervised KD terms on ``DATASETS.TRAIN_UNLABELED``
+(paper 003; :mod:`mdkd_det.distill.unlabeled`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from .adapters import build_kd_adapter
 from .distiller import Distiller, freeze_teacher
 from .mixin import KDTrainerMixin
 from .schedules import build_schedule
+from .unlabeled import build_unlabeled_loader, check_unlabeled_config, load_unlabeled_records, unlabeled_loss_keys
 
 logger = logging.getLogger(__name__)
 
@@ -161,16 +164,28 @@ class KDTrainer(DefaultTrainer):
         cfg: student config with ``KD.*``.
         model: prebuilt student (default: ``build_model(cfg)``).
         teacher: prebuilt frozen teacher (default: :func:`build_teacher`).
+
+    Raises:
+        ConfigError: bad ``KD.UNLABELED`` setting (:func:`load_unlabeled_records`), or
+            ``KD.UNLABELED.ENABLED`` for a family whose adapter has no forward without targets.
     """
 
     trainer_class = KDSimpleTrainer
 
     def __init__(self, cfg: CfgNode, model: Optional[nn.Module] = None,
                  teacher: Optional[nn.Module] = None) -> None:
+        check_unlabeled_config(cfg)  # before anything is built
         seed_all_rng(int(cfg.SEED) + comm.get_rank())
         student = model if model is not None else build_model(cfg)
         self.teacher = teacher if teacher is not None else build_teacher(cfg)
         self.distiller = build_distiller(cfg, student, self.teacher)
+        self.unlabeled_records = None
+        if cfg.KD.UNLABELED.ENABLED:
+            if not hasattr(self.distiller.adapter, "student_forward_unlabeled"):
+                raise ConfigError(f"KD.UNLABELED.ENABLED: MODEL.META_ARCHITECTURE "
+                                  f"'{cfg.MODEL.META_ARCHITECTURE}' has no student forward without "
+                                  "targets (supported: faster_rcnn, rfdetr)")
+            self.unlabeled_records = load_unlabeled_records(cfg)
         super().__init__(cfg, model=student)
 
     def build_optimizer(self, cfg: CfgNode, model: nn.Module):
@@ -189,6 +204,11 @@ class KDTrainer(DefaultTrainer):
         trainer.epoch_iters = int(self.cfg.KD.EPOCH_ITERS) or max(
             1, math.ceil(n / int(self.cfg.SOLVER.IMS_PER_BATCH)))
         trainer.task_weight = float(self.cfg.KD.W_TASK)
+        if self.unlabeled_records is not None:  # positioned at start_iter: resume-exact
+            u = self.cfg.KD.UNLABELED
+            trainer.unlabeled_loader = build_unlabeled_loader(self.cfg, self.unlabeled_records, self.start_iter)
+            trainer.unlabeled_weight = float(u.WEIGHT)
+            trainer.unlabeled_terms = unlabeled_loss_keys(u.TERMS)
         return trainer
 
     def train(self):

@@ -43,6 +43,14 @@ teacher. ``results.json`` adds per-seed values, mean ± SD and the student-minus
 difference paired by seed with a paired-bootstrap 95% interval over the test images
 (docs/statistics.md).
 
+Extra student rows (``PIPELINE.EXTRA_STUDENTS``, issue 15): each ``"<row name>: KEY VALUE ..."``
+is the student stage's config plus those overrides (:func:`parse_extra_students`,
+:meth:`PipelineRunner.extra_student_cfg`), trained per seed like the student, from the same
+joint teacher, in ``OUTPUT_DIR/[seed_<s>/]student_<slug>/``; it is fingerprinted, resumed and
+skipped like every stage, covered by the schedule parity check, and reported as its own row with
+its own paired difference to the dataset-specific row. A bad override is a ConfigError naming the
+row, raised when the runner is built, before any stage trains.
+
 Model selection: by default a row is the stage's final model. With ``PIPELINE.VAL_DATASET``
 (e.g. the MSD lung hold-out ``msd_lung_val``) every evaluated stage validates on that dataset
 every ``PIPELINE.VAL_PERIOD`` iterations, keeps ``model_best.pth`` by the task's primary metric
@@ -57,8 +65,10 @@ import json
 import logging
 import math
 import os
+import re
+import shlex
 import time
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..config import CfgNode, get_cfg
 from ..engine import comm
@@ -79,6 +89,49 @@ ROW_TITLES = {"multi_head": "Multi-head", "dataset_specific": "Dataset-specific"
 #: Stages trained once per seed of ``PIPELINE.SEEDS``; every other stage is the teacher chain,
 #: trained once with the first seed and shared.
 PER_SEED_STAGES = ("dataset_specific", "student")
+
+
+class ExtraStudent(NamedTuple):
+    """One ``PIPELINE.EXTRA_STUDENTS`` row: its ``title`` (the name given), ``key`` (results row
+    and stage folder, ``student_<slug>``) and ``opts`` (``KEY VALUE`` overrides)."""
+
+    title: str
+    key: str
+    opts: Tuple[str, ...]
+
+
+def parse_extra_students(entries: Sequence[str]) -> List[ExtraStudent]:
+    """Parse ``PIPELINE.EXTRA_STUDENTS`` entries ``"<row name>: KEY VALUE [KEY VALUE ...]"``
+    (the overrides are ``shlex``-split, so a value with spaces is quoted). The slug is the name
+    lower-cased with every run of other characters than ``[a-z0-9]`` turned into ``_``.
+
+    Raises:
+        ConfigError: no ``:``, an empty name or slug, no override or an odd count, an override
+            of ``PIPELINE.*``/``OUTPUT_DIR``/``SEED`` (the runner sets them), two rows with one
+            slug.
+    """
+    out: List[ExtraStudent] = []
+    for entry in entries:
+        title, sep, rest = str(entry).partition(":")
+        title = title.strip()
+        slug = re.sub(r"[^a-z0-9]+", "_", title.lower()).strip("_")
+        where = f"PIPELINE.EXTRA_STUDENTS entry {str(entry)!r}"
+        if not sep or not slug:
+            raise ConfigError(f"{where}: must be '<row name>: KEY VALUE [KEY VALUE ...]'")
+        try:
+            opts = tuple(shlex.split(rest))
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}") from None
+        if not opts or len(opts) % 2:
+            raise ConfigError(f"{where}: needs KEY VALUE pairs, got {list(opts)}")
+        fixed = [k for k in opts[::2] if k.startswith("PIPELINE.") or k in ("OUTPUT_DIR", "SEED")]
+        if fixed:
+            raise ConfigError(f"{where}: {fixed} are set by the pipeline for every row")
+        key = f"student_{slug}"
+        if any(r.key == key for r in out):
+            raise ConfigError(f"{where}: another row has the folder name '{key}'")
+        out.append(ExtraStudent(title, key, opts))
+    return out
 
 
 class PipelineRunner:
@@ -117,6 +170,10 @@ class PipelineRunner:
         self.wall: Dict[str, float] = {}
         self.rows: Dict[str, dict] = {}  # rows of the first seed (and the shared teacher rows)
         self.seed_rows: Dict[int, Dict[str, dict]] = {s: {} for s in self.seeds[1:]}
+        self.extra_students = parse_extra_students(cfg.PIPELINE.EXTRA_STUDENTS)
+        for row in self.extra_students:  # every override is checked before any stage trains
+            for seed in self.seeds:
+                self.extra_student_cfg(row, seed)
 
     # --- config deltas --------------------------------------------------------------------
     def _iters(self, key: str) -> int:
@@ -193,6 +250,30 @@ class PipelineRunner:
         c.freeze()
         return c
 
+    def extra_student_cfg(self, row: ExtraStudent, seed: Optional[int] = None) -> CfgNode:
+        """The config of an extra student row: the student stage's config (:meth:`stage_cfg`)
+        plus ``row.opts``, validated (:func:`~mdkd_det.config.validate.validate_config`, the
+        ``KD.UNLABELED`` checks), in ``OUTPUT_DIR/[seed_<s>/]<row.key>/``.
+
+        Raises:
+            ConfigError: unknown key or bad value, naming the row.
+        """
+        from ..config.validate import validate_config
+        from ..distill.unlabeled import check_unlabeled_config
+
+        c = self.stage_cfg("student", seed=seed)
+        c.defrost()
+        try:
+            c.merge_from_list(list(row.opts))
+            validate_config(c)
+            check_unlabeled_config(c)
+        except ConfigError as e:
+            raise ConfigError(f"PIPELINE.EXTRA_STUDENTS row '{row.title}': {e}") from None
+        c.SOLVER.CHECKPOINT_PERIOD = min(int(c.SOLVER.CHECKPOINT_PERIOD), int(c.SOLVER.MAX_ITER))
+        c.OUTPUT_DIR = self.stage_dir(row.key, seed=seed)
+        c.freeze()
+        return c
+
     def _backbone_init_iters(self) -> int:
         n = int(self.cfg.PIPELINE.ITERS.BACKBONE_INIT)
         if n and self.cfg.PIPELINE.BACKBONE_INIT_ARCH == self.cfg.MODEL.META_ARCHITECTURE:
@@ -247,14 +328,15 @@ class PipelineRunner:
                 continue  # it is the target teacher's run (A24)
             c = self.stage_cfg(stage, src)
             so = c.SOLVER
-            lr = f"{so.OPTIMIZER} {float(so.BASE_LR):g} {so.LR_SCHEDULER_NAME}"
-            if "MultiStep" in so.LR_SCHEDULER_NAME:
-                lr += f" steps {list(so.STEPS)} x{float(so.GAMMA):g}"
-            lr += f" warmup {int(so.WARMUP_ITERS)} x{float(so.WARMUP_FACTOR):g}"
+            lr = _lr_text(so)
             per_step = int(c.ADVERSARIAL.TARGET_IMS_PER_BATCH) if stage == "source_teacher" \
                 else int(so.IMS_PER_BATCH)
             name = f"source_teacher_{dataset_output_name(src)}" if src else stage
             out[name] = {"iters": int(so.MAX_ITER), "target_images": int(so.MAX_ITER) * per_step, "lr": lr}
+        for row in self.extra_students:  # labelled target images per step, as the student
+            so = self.extra_student_cfg(row).SOLVER
+            out[row.key] = {"iters": int(so.MAX_ITER), "target_images": int(so.MAX_ITER) * int(so.IMS_PER_BATCH),
+                            "lr": _lr_text(so)}
         return out
 
     def check_schedule_parity(self) -> Optional[str]:
@@ -296,7 +378,8 @@ class PipelineRunner:
         progress_file = os.path.join(out, "stage_progress.json")
         fingerprint, fp_config = stage_fingerprint(cfg)
         stage = name.rsplit("/", 1)[-1]  # "seed_<s>/student" -> "student"
-        rerun = stage in self.rerun or (stage.startswith("source_teacher") and "source_teachers" in self.rerun)
+        rerun = (stage in self.rerun or (stage.startswith("source_teacher") and "source_teachers" in self.rerun)
+                 or (stage.startswith("student_") and "student" in self.rerun))  # extra student rows
         if self._done(out) and not rerun:
             res = _read_json(result_file)
             if same_stage(res if "config" in res else legacy_record(out), fingerprint, fp_config):
@@ -437,9 +520,27 @@ class PipelineRunner:
                 self.rows[ROW_OF_STAGE[stage]] = res
             if stage == "target_teacher" and cfg.PIPELINE.REUSE_TARGET_TEACHER_AS_BASELINE:
                 self.rows["dataset_specific"] = dict(res, reused_from="target_teacher")
+        for row in self.extra_students:
+            self._run_extra(row, KDTrainer, self.seeds[0], self.rows)
         for seed in self.seeds[1:]:
             self._run_seed(seed, KDTrainer)
         return self.write_results()
+
+    def _run_extra(self, row: ExtraStudent, kd_trainer, seed: int, rows: Dict[str, dict]) -> None:
+        """Train (with ``student`` among the run stages) or collect the extra student ``row`` of
+        ``seed`` into ``rows[row.key]``."""
+        scfg = self.extra_student_cfg(row, seed)
+        name = row.key if seed == self.seeds[0] else f"seed_{seed}/{row.key}"
+        if "student" not in self.stages:
+            res = _read_json(os.path.join(scfg.OUTPUT_DIR, "stage_result.json"))
+            if res:
+                rows.setdefault(row.key, res)
+                self.wall.setdefault(name, res.get("wall_time_s", float("nan")))
+            return
+        res = self._run_one(name, scfg, kd_trainer, checkpoint="model_student.pth",
+                            after_train=self._export_student if self.val_dataset else None)
+        rows[row.key] = res
+        self.wall[name] = res["wall_time_s"]
 
     def _run_seed(self, seed: int, kd_trainer) -> None:
         """Train (or collect) the :data:`PER_SEED_STAGES` of a non-first ``seed`` in
@@ -466,6 +567,8 @@ class PipelineRunner:
                 res = self._run_one(name, scfg, DefaultTrainer)
             rows[stage] = res
             self.wall[name] = res["wall_time_s"]
+        for row in self.extra_students:
+            self._run_extra(row, kd_trainer, seed, rows)
 
     @staticmethod
     def _export_student(trainer) -> None:
@@ -556,12 +659,22 @@ class PipelineRunner:
                             dataset_output_name(self.eval_dataset), "coco_instances_results.json")
 
     def paired_difference(self) -> dict:
-        """``{"student_minus_dataset_specific": {metric: {"per_seed", "mean", "ci95",
-        "significant", "method", "seeds", "num_images", ...}}}``: the student-minus-baseline
-        difference paired by seed, with a paired-bootstrap 95% interval over the test images
-        (:func:`~mdkd_det.evaluation.paired_bootstrap.paired_bootstrap`,
-        ``PIPELINE.BOOTSTRAP_RESAMPLES`` / ``BOOTSTRAP_SEED``). Empty when the task has no
-        COCO metrics, ``BOOTSTRAP_RESAMPLES`` is 0, or no seed has both models' predictions."""
+        """``{"<student row>_minus_dataset_specific": {metric: {"per_seed", "mean", "ci95",
+        "significant", "method", "seeds", "num_images", ...}}}`` for the student row and every
+        ``PIPELINE.EXTRA_STUDENTS`` row (``student_<slug>_minus_dataset_specific``): the
+        row-minus-baseline difference paired by seed, with a paired-bootstrap 95% interval over
+        the test images (:func:`~mdkd_det.evaluation.paired_bootstrap.paired_bootstrap`,
+        ``PIPELINE.BOOTSTRAP_RESAMPLES`` / ``BOOTSTRAP_SEED``). A row is absent when the task has
+        no COCO metrics, ``BOOTSTRAP_RESAMPLES`` is 0, or no seed has both models' predictions."""
+        out = {}
+        for key in ["student"] + [r.key for r in self.extra_students]:
+            d = self._paired_with_baseline(key)
+            if d:
+                out[f"{key}_minus_dataset_specific"] = d
+        return out
+
+    def _paired_with_baseline(self, key: str) -> dict:
+        """:meth:`paired_difference` of the row ``key`` against ``dataset_specific``."""
         from ..evaluation import to_json_safe
         from ..evaluation.paired_bootstrap import METRICS, paired_bootstrap
 
@@ -572,9 +685,9 @@ class PipelineRunner:
         pairs, seeds = [], []
         for seed in self.seeds:
             rows = self.rows if seed == self.seeds[0] else self.seed_rows.get(seed, {})
-            if "dataset_specific" not in rows or "student" not in rows:
+            if "dataset_specific" not in rows or key not in rows:
                 continue
-            files = [self.predictions_file(rows[k]) for k in ("dataset_specific", "student")]
+            files = [self.predictions_file(rows[k]) for k in ("dataset_specific", key)]
             missing = [f for f in files if not os.path.isfile(f)]
             if missing:
                 logger.warning("[pipeline] seed %d: no predictions %s; left out of the paired difference",
@@ -596,7 +709,7 @@ class PipelineRunner:
                     len(pairs), len(gt["images"]), n_boot, time.perf_counter() - t0)
         for v in out.values():
             v.update(seeds=seeds, num_images=len(gt["images"]))
-        return {"student_minus_dataset_specific": to_json_safe(out)}
+        return to_json_safe(out)
 
     def _eval_ground_truth(self) -> dict:
         """COCO ground truth of the report dataset, with the image/category ids the saved
@@ -629,12 +742,14 @@ class PipelineRunner:
         lines = [f"Target {results['target']}, evaluated on {results['eval_dataset']} "
                  f"({self.task.name}, {self.cfg.MODEL.META_ARCHITECTURE}); mean ± SD over seeds "
                  f"{', '.join(str(s) for s in results['seeds'])}", "", head, sep]
-        for key in ("multi_head", "dataset_specific", "joint_teacher", "student"):
+        titles_of = dict(ROW_TITLES, **{r.key: _extra_title(r) for r in self.extra_students})
+        for key in ("multi_head", "dataset_specific", "joint_teacher", "student",
+                    *[r.key for r in self.extra_students]):
             row = results["rows"].get(key) or {}
             summ = results["summary"].get(key) or {}
             vals = [_fmt_mean_sd(summ.get(m), 4 if m == "CPM" else 2) for m in metrics]
             n = max((summ[m]["n"] for m in metrics if m in summ), default=0)
-            title = ROW_TITLES[key] + (" (= target teacher, A24)" if row.get("reused_from") else "")
+            title = titles_of[key] + (" (= target teacher, A24)" if row.get("reused_from") else "")
             line = f"| {title} | " + " | ".join(vals) + f" | {n} |"
             if paper:
                 line += " " + (" / ".join(f"{v:.2f}" for v in paper[key]) if key in paper else "n/a") + " |"
@@ -646,10 +761,12 @@ class PipelineRunner:
         if self.val_dataset:
             lines += ["", f"Each row: the checkpoint with the best {self.task.best_metric} on "
                           f"{self.val_dataset} (PIPELINE.VAL_DATASET), evaluated on {results['eval_dataset']}."]
-        paired = results["paired"].get("student_minus_dataset_specific")
-        if paired:
+        for key in ("student", *[r.key for r in self.extra_students]):
+            paired = results["paired"].get(f"{key}_minus_dataset_specific")
+            if not paired:
+                continue
             first = next(iter(paired.values()))
-            lines += ["", f"Student − dataset-specific, paired by seed (seeds "
+            lines += ["", f"{titles_of[key]} − dataset-specific, paired by seed (seeds "
                           f"{', '.join(str(s) for s in first['seeds'])}); 95% interval: {first['method']} "
                           f"({first['num_images']} images, the same resample for both models and every seed):",
                       "", "| Metric | per seed | mean | 95% interval | verdict |", "|---|---|---|---|---|"]
@@ -792,6 +909,20 @@ def _mean_sd(values) -> dict:
     mean = sum(v) / n if n else None
     sd = math.sqrt(sum((x - mean) ** 2 for x in v) / (n - 1)) if n > 1 else None
     return {"mean": _num(mean, 4), "sd": _num(sd, 4), "n": n}
+
+
+def _lr_text(so) -> str:
+    """``optimizer base_lr scheduler [steps x gamma] warmup`` of a ``SOLVER`` node (parity check)."""
+    lr = f"{so.OPTIMIZER} {float(so.BASE_LR):g} {so.LR_SCHEDULER_NAME}"
+    if "MultiStep" in so.LR_SCHEDULER_NAME:
+        lr += f" steps {list(so.STEPS)} x{float(so.GAMMA):g}"
+    return lr + f" warmup {int(so.WARMUP_ITERS)} x{float(so.WARMUP_FACTOR):g}"
+
+
+def _extra_title(row: ExtraStudent) -> str:
+    """results.md title of an extra student row: ``"Student +KMM"`` for a name starting with
+    ``+``, else the name as given."""
+    return f"Student {row.title}" if row.title.startswith("+") else row.title
 
 
 def _signed(x) -> str:

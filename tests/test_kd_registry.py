@@ -1,0 +1,117 @@
+"""KD_LOSS_REGISTRY (issue 15): the seven built-in terms run through the registry give
+BIT-IDENTICAL results to the Distiller before the registry; config keys; third-party terms."""
+
+import math
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from mdkd_det.distill import losses as L
+from mdkd_det.distill.adapters import KDInputs
+from mdkd_det.distill.distiller import Distiller
+from mdkd_det.distill.schedules import build_schedule
+from mdkd_det.modeling.shape_spec import ShapeSpec
+
+_OLD_KEYS = {"con": "loss_Con", "falgn": "loss_FAlgn", "cos": "loss_CosSim", "att": "loss_Att",
+             "clskd": "loss_ClsKD", "roikd": "loss_ROIKD", "kld": "loss_KLD"}
+
+
+def _reference_forward(d, s, t, epoch):
+    """``Distiller.forward`` as it was before the registry (commit 31c1a39), kept verbatim as
+    the reference the registry must reproduce bit for bit."""
+    cf = float(d.cf(epoch))
+    T = float(d.temperature_schedule(epoch)) if d.temperature_schedule else d.temperature
+    w = {k: float(d.weights.get(k, 0.0)) for k in _OLD_KEYS}
+    if d.beta_schedule is not None:
+        w["con"] = float(d.beta_schedule(epoch))
+    s_raw = [s.features[sl] for sl in d.level_pairs]
+    t_feats = [t.features[tl] for tl in d.level_pairs.values()]
+    s_feats = ([d.connectors[sl](f) for sl, f in zip(d.level_pairs, s_raw)]
+               if w["falgn"] or w["cos"] else None)
+    out = {}
+    t_vec = [f.mean(dim=(2, 3)) for f in t_feats] if w["con"] or w["cos"] else None
+    if w["con"]:
+        out["loss_Con"] = L.con([f.mean(dim=(2, 3)) for f in s_raw], t_vec, T=T,
+                                direction=d.kl_direction, mask_diag=d.con_mask_diag)
+    if w["falgn"]:
+        out["loss_FAlgn"] = L.falgn(s_feats, t_feats, reduction=d.reduction)
+    if w["cos"]:
+        out["loss_CosSim"] = L.cos_sim([f.mean(dim=(2, 3)) for f in s_feats], t_vec,
+                                       reduction=d.reduction)
+    if w["att"]:
+        out["loss_Att"] = L.att(s_raw, t_feats)
+    has_regions = s.region_logits is not None and t.region_logits is not None
+    if w["clskd"] and has_regions:
+        out["loss_ClsKD"] = L.cls_kd(s.region_logits, t.region_logits, T=T,
+                                     kind=d.cls_kind, direction=d.kl_direction)
+    if w["roikd"] and s.region_embeddings is not None and t.region_embeddings is not None:
+        out["loss_ROIKD"] = L.roi_kd(d.roi_connector(s.region_embeddings),
+                                     t.region_embeddings, reduction=d.reduction)
+    if w["kld"] and s.logits is not None and t.logits is not None:
+        out["loss_KLD"] = L.kld(s.logits, t.logits, T=T, direction=d.kl_direction)
+    name_to_w = {v: w[k] for k, v in _OLD_KEYS.items()}
+    return {k: (cf * name_to_w[k]) * v for k, v in out.items()}
+
+
+class _Adapter:
+    cls_kind = "softmax"
+
+
+S_SHAPES = {"0": ShapeSpec(8, stride=4), "1": ShapeSpec(8, stride=8), "pool": ShapeSpec(8, stride=16)}
+T_SHAPES = {"p2": ShapeSpec(12, stride=4), "p3": ShapeSpec(12, stride=8), "p4": ShapeSpec(12, stride=16)}
+
+
+def _inputs(B=4, M=10, K=3, regions=True, logits=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+    s = KDInputs(features=OrderedDict([("0", r(B, 8, 8, 8)), ("1", r(B, 8, 4, 4)), ("pool", r(B, 8, 2, 2))]),
+                 region_embeddings=r(M, 6) if regions else None,
+                 region_logits=r(M, K) if regions else None, logits=r(B, K) if logits else None)
+    t = KDInputs(features=OrderedDict([("p2", r(B, 12, 8, 8)), ("p3", r(B, 12, 4, 4)), ("p4", r(B, 12, 3, 3))]),
+                 region_embeddings=r(M, 10) if regions else None,
+                 region_logits=r(M, K) if regions else None, logits=r(B, K) if logits else None)
+    for f in s.features.values():
+        f.requires_grad_(True)
+    return s, t
+
+
+WEIGHTS = {"con": 0.005, "falgn": 0.03, "cos": 0.03, "att": 0.01, "clskd": 1.0, "roikd": 0.1, "kld": 0.4}
+CASES = {
+    "defaults+kld": dict(weights=WEIGHTS),
+    "paper reduction, s||t, mask diag": dict(weights=WEIGHTS, reduction="paper", kl_direction="s||t",
+                                             con_mask_diag=True),
+    "binary cls, T schedule, beta ramp": dict(
+        weights=WEIGHTS, cls_kind="binary",
+        temperature_schedule=build_schedule("temperature", t1=2.0, floor=0.5, decay=0.9, every=5.0),
+        beta_schedule=build_schedule("beta", start=0.1, end=0.5, warmup=5.0, ramp=10.0)),
+    "some zero weights": dict(weights={"con": 0.0, "falgn": 0.5, "cos": 0.0, "att": 0.2, "clskd": 0.0,
+                                       "roikd": 1.0}),
+    "only cos (pooled, connector)": dict(weights={"cos": 1.0}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("regions", [True, False])
+def test_builtin_terms_bit_identical_to_pre_registry_forward(case, regions):
+    kw = dict(CASES[case])
+    torch.manual_seed(0)
+    d = Distiller(nn.Linear(1, 1), _Adapter(), S_SHAPES, T_SHAPES, 6, 10,
+                  cf=build_schedule("cosine", warmup=5.0, ramp=10.0, max_value=1.0), **kw)
+    for epoch in (12.0, 30.0):
+        s, t = _inputs(regions=regions)
+        got = d(s, t, epoch)
+        s2, t2 = _inputs(regions=regions)
+        want = _reference_forward(d, s2, t2, epoch)
+        assert list(got) == list(want)  # same terms, same order
+        assert want, case
+        for k in want:
+            assert torch.equal(got[k], want[k]), (k, got[k].item(), want[k].item())
+        # identical gradients to the student maps and the connectors
+        g1 = torch.autograd.grad(sum(got.values()), list(s.features.values()), allow_unused=True)
+        g2 = torch.autograd.grad(sum(want.values()), list(s2.features.values()), allow_unused=True)
+        for a, b in zip(g1, g2):
+            assert (a is None and b is None) or torch.equal(a, b)

@@ -115,3 +115,126 @@ def test_builtin_terms_bit_identical_to_pre_registry_forward(case, regions):
         g2 = torch.autograd.grad(sum(want.values()), list(s2.features.values()), allow_unused=True)
         for a, b in zip(g1, g2):
             assert (a is None and b is None) or torch.equal(a, b)
+
+
+# --------------------------------------------------------------------------------------------
+# config keys and the registry
+# --------------------------------------------------------------------------------------------
+def test_config_terms_and_weights_default_to_the_paper():
+    from mdkd_det.config import get_cfg
+    from mdkd_det.distill.kd_terms import DEFAULT_TERMS, resolve_terms, term_weights
+    from mdkd_det.distill.trainer import distiller_options
+
+    cfg = get_cfg()
+    assert tuple(cfg.KD.TERMS) == DEFAULT_TERMS == ("con", "falgn", "cos", "att", "clskd", "roikd", "kld")
+    w = term_weights(cfg.KD)
+    assert {k: w[k] for k in DEFAULT_TERMS} == {"con": 0.005, "falgn": 0.03, "cos": 0.03, "att": 0.01,
+                                                "clskd": 1.0, "roikd": 0.10, "kld": 0.0}
+    assert all(w[k] == 0.0 for k in ("kmm", "dcgd", "msan", "hint", "ctx", "lm", "aam"))
+    opts = distiller_options(cfg.KD)
+    assert resolve_terms(opts["terms"], opts["weights"]) == DEFAULT_TERMS
+    cfg.merge_from_list(["KD.W_KMM", 0.5])  # a related term is switched on by its weight alone
+    opts = distiller_options(cfg.KD)
+    assert resolve_terms(opts["terms"], opts["weights"]) == DEFAULT_TERMS + ("kmm",)
+
+
+def test_unknown_term_name_is_a_registry_error():
+    from mdkd_det.utils.errors import RegistryError
+
+    with pytest.raises(RegistryError, match="unknown kd_loss 'nope'"):
+        Distiller(nn.Linear(1, 1), _Adapter(), S_SHAPES, T_SHAPES, 6, 10, weights={}, cf=lambda e: 1.0,
+                  terms=["con", "nope"])
+
+
+def test_zero_weight_term_is_not_computed(monkeypatch):
+    calls = []
+    monkeypatch.setattr(L, "kmm", lambda *a, **k: calls.append(1) or torch.tensor(1.0))
+    d = Distiller(nn.Linear(1, 1), _Adapter(), S_SHAPES, T_SHAPES, 6, 10, weights={"con": 1.0, "kmm": 0.0},
+                  cf=lambda e: 1.0, terms=["con", "kmm"])
+    s, t = _inputs()
+    assert set(d(s, t, 0.0)) == {"loss_Con"} and calls == []
+    d.weights["kmm"] = 2.0
+    assert d(s, t, 0.0)["loss_KMM"].item() == 2.0 and calls == [1]
+
+
+# --------------------------------------------------------------------------------------------
+# a third-party term from an installed distribution (entry points), trained by KDTrainer
+# --------------------------------------------------------------------------------------------
+PLUGIN = '''
+import torch
+from mdkd_det.config import CfgNode
+from mdkd_det.distill.kd_terms import KDTerm
+
+
+def _loss(ctx):
+    # mean squared difference of the pooled descriptors through the connectors, times KD.TOY.SCALE
+    return ctx.cfg.TOY.SCALE * sum(
+        (a - b.detach()).pow(2).mean() for a, b in zip(ctx.s_pooled, ctx.t_pooled))
+
+
+TERM = KDTerm("loss_Toy", ("pooled",), "W_TOY", 0.0, "feature", _loss, "toy plugin")
+
+
+def add_config(cfg):
+    cfg.KD.W_TOY = 0.0       # off unless set
+    cfg.KD.TOY = CfgNode()
+    cfg.KD.TOY.SCALE = 1.0
+'''
+
+
+def _install_plugin(tmp_path, monkeypatch):
+    from mdkd_det.distill.kd_terms import KD_LOSS_REGISTRY
+
+    pkg = tmp_path / "site"
+    pkg.mkdir()
+    (pkg / "mdkd_toy_kd.py").write_text(PLUGIN)
+    dist = pkg / "mdkd_toy_kd-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: mdkd-toy-kd\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[mdkd_det.kd_losses]\ntoy = mdkd_toy_kd:TERM\n\n"
+                                           "[mdkd_det.config]\ntoy_kd = mdkd_toy_kd:add_config\n")
+    monkeypatch.syspath_prepend(str(pkg))
+    monkeypatch.setattr(KD_LOSS_REGISTRY, "_plugins_loaded", False)
+
+
+def test_installed_plugin_term_trains_in_kd_trainer(tmp_path, monkeypatch, data_root):
+    """No change to mdkd_det: the distribution's two entry points add the term and its keys."""
+    import json
+    import sys
+
+    from mdkd_det.distill.kd_terms import KD_LOSS_REGISTRY, get_term
+    from mdkd_det.distill.trainer import KDTrainer
+    from mdkd_det.engine.checkpointer import Checkpointer
+    from mdkd_det.engine.defaults import build_model
+
+    from _tiny import tiny_cfg
+
+    _install_plugin(tmp_path, monkeypatch)
+    try:
+        tdir = tmp_path / "teacher"
+        tcfg = tiny_cfg(tdir, max_iter=1)
+        assert tcfg.KD.W_TOY == 0.0 and tcfg.KD.TOY.SCALE == 1.0  # the plugin's keys, via get_cfg
+        teacher = build_model(tcfg)
+        Checkpointer(teacher, str(tdir)).save("model_final")
+        (tdir / "config.yaml").write_text(tcfg.dump())
+        cfg = tiny_cfg(tmp_path / "student", max_iter=3, **{
+            "KD.ENABLED": True, "KD.TEACHER_CONFIG": str(tdir / "config.yaml"),
+            "KD.TEACHER_WEIGHTS": str(tdir / "model_final.pth"), "KD.CF.SCHEDULE": "constant",
+            "DATASETS.TEST": "()", "KD.W_TOY": 2.0, "KD.TOY.SCALE": 3.0})
+        trainer = KDTrainer(cfg)
+        d = trainer.distiller
+        assert d.terms[-1] == "toy" and d.weights["toy"] == 2.0 and get_term("toy").key == "loss_Toy"
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+        rows = [json.loads(x) for x in (tmp_path / "student" / "metrics.json").read_text().splitlines()]
+        assert sum("loss_Toy" in r for r in rows) == 3 and all(r["loss_Toy"] > 0 for r in rows if "loss_Toy" in r)
+        # weight (2) x KD.TOY.SCALE (3) x the plugin's formula, by hand on a fixed batch
+        d2 = Distiller(nn.Linear(1, 1), _Adapter(), S_SHAPES, T_SHAPES, 6, 10, weights={"toy": 2.0},
+                       cf=lambda e: 1.0, terms=["toy"], kd_options={"cfg": cfg.KD})
+        s, t = _inputs()
+        want = 6.0 * sum((d2.connectors[k](s.features[k]).mean(dim=(2, 3)) - t.features[v].mean(dim=(2, 3)))
+                         .pow(2).mean() for k, v in d2.level_pairs.items())
+        assert d2(s, t, 0.0)["loss_Toy"].item() == pytest.approx(want.item(), rel=1e-6)
+    finally:
+        KD_LOSS_REGISTRY._obj_map.pop("toy", None)
+        sys.modules.pop("mdkd_toy_kd", None)

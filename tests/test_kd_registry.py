@@ -238,3 +238,16 @@ def test_installed_plugin_term_trains_in_kd_trainer(tmp_path, monkeypatch, data_
     finally:
         KD_LOSS_REGISTRY._obj_map.pop("toy", None)
         sys.modules.pop("mdkd_toy_kd", None)
+
+
+def test_cmedl_preset_switches_on_hint_and_ctx_only():
+    from mdkd_det.config import get_cfg
+    from mdkd_det.distill.kd_terms import DEFAULT_TERMS, resolve_terms, term_weights
+
+    base, cm = get_cfg(), get_cfg()
+    base.merge_from_file("configs/LungCT/mdkd_faster_rcnn_R18_cpu.yaml")
+    cm.merge_from_file("configs/LungCT/mdkd_faster_rcnn_R18_cpu_cmedl.yaml")
+    wb, wc = term_weights(base.KD), term_weights(cm.KD)
+    assert {k for k in wb if wb[k] != wc[k]} == {"hint", "ctx"}
+    assert resolve_terms(list(cm.KD.TERMS), wc) == DEFAULT_TERMS + ("hint", "ctx")
+    assert cm.KD.LATE_LEVELS == 2

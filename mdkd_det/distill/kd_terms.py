@@ -282,6 +282,7 @@ def _msan(c: KDContext):
     lam = float(c.options.kd_options.get("msan_lambda", 0.5))
     total = 0.0
     for sl, f, tp in zip(c.distiller.level_pairs, c.s_raw, c.t_pooled):
+        f = f.detach()  # the heads learn here; the student is reached only through DCGD (D15.6)
         z, f_hat = heads[sl](f)
         total = total + L.msan(f, f_hat, torch.nn.functional.normalize(z, dim=1),
                                torch.nn.functional.normalize(tp.float(), dim=1), lam=lam)

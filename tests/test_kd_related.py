@@ -279,3 +279,62 @@ def test_seg_adapter_gives_pixel_logits_for_lm_and_aam_only_when_on():
     out = d(s_in, t_in, 0.0)
     assert torch.equal(out["loss_LM"], 0.2 * L.pixel_kl(s_in.pixel_logits, t_in.pixel_logits))
     assert torch.equal(out["loss_AA"], 0.9 * L.affinity(s_in.pixel_logits, t_in.pixel_logits))
+
+
+# --------------------------------------------------------------- real students (tiny, synthetic data)
+def test_related_terms_in_a_real_faster_rcnn_kd_step(tmp_path):
+    """+KMM +DCGD +MSAN +hint +CX on torchvision Faster R-CNNs through the shared mixin step."""
+    from mdkd_det.distill.distiller import freeze_teacher
+    from mdkd_det.distill.trainer import KDSimpleTrainer, build_distiller
+    from mdkd_det.engine.defaults import build_model
+
+    from _tiny import tiny_cfg
+
+    cfg = tiny_cfg(tmp_path / "s", **{"KD.W_KMM": 3.0, "KD.W_DCGD": 3.0, "KD.W_MSAN": 0.1, "KD.W_HINT": 0.01,
+                                      "KD.W_CTX": 0.1, "KD.CF.SCHEDULE": "constant"})
+    tcfg = tiny_cfg(tmp_path / "t", **{"MODEL.FPN.OUT_CHANNELS": 48})
+    torch.manual_seed(0)
+    student, teacher = build_model(cfg), freeze_teacher(build_model(tcfg))
+    d = build_distiller(cfg, student, teacher)
+    g = torch.Generator().manual_seed(1)
+    batch = [{"image": torch.rand(3, 96, 96, generator=g),
+              "target": {"boxes": torch.tensor([[20.0, 24.0, 44.0, 50.0]]), "labels": torch.tensor([1])}}
+             for _ in range(2)]
+    opt = torch.optim.AdamW(list(student.parameters()) + list(d.parameters()), lr=1e-4)
+    t = KDSimpleTrainer(student, iter([]), opt)
+    t.distiller, t.epoch_iters, t.task_weight = d, 1, 1.0
+    t.iter = 10
+    losses = t.compute_losses(batch)
+    new = {"loss_KMM", "loss_DCGD", "loss_MSAN", "loss_Hint", "loss_CX"}
+    assert new <= set(losses) and {"loss_Con", "loss_ClsKD"} <= set(losses)
+    assert all(torch.isfinite(losses[k]) and losses[k] > 0 for k in new)
+    sum(losses.values()).backward()
+    assert d.latent_heads["0"].enc_fc.weight.grad is not None
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_lm_and_aam_on_a_real_unet_student():
+    from mdkd_det.config import get_cfg
+    from mdkd_det.distill.trainer import KDSimpleTrainer, build_distiller
+    from mdkd_det.engine.defaults import build_model
+
+    cfg = get_cfg()
+    cfg.merge_from_file("configs/MSD-Lung/mdkd_unet_demo.yaml")
+    cfg.MODEL.SEG.BASE_CHANNELS = 4
+    cfg.merge_from_list(["KD.W_LM", 0.2, "KD.W_AAM", 0.9, "KD.W_DCGD", 3.0, "KD.CF.SCHEDULE", "constant"])
+    torch.manual_seed(0)
+    student = build_model(cfg)
+    tc = cfg.clone()
+    tc.MODEL.SEG.BASE_CHANNELS = 8
+    teacher = build_model(tc)
+    d = build_distiller(cfg, student, teacher)
+    g = torch.Generator().manual_seed(0)
+    batch = [{"image": torch.rand(3, 48, 48, generator=g),
+              "target": {"masks": (torch.rand(1, 48, 48, generator=g) > 0.8).float()}} for _ in range(2)]
+    opt = torch.optim.AdamW(list(student.parameters()) + list(d.parameters()), lr=1e-4)
+    t = KDSimpleTrainer(student, iter([]), opt)
+    t.distiller, t.epoch_iters, t.task_weight = d, 1, 1.0
+    losses = t.compute_losses(batch)
+    assert {"loss_LM", "loss_AA", "loss_DCGD", "loss_Con"} <= set(losses)
+    assert all(torch.isfinite(v) for v in losses.values())
+    sum(losses.values()).backward()

@@ -53,7 +53,8 @@ class Distiller(nn.Module):
             terms not listed but with a non-zero weight follow (D15.1).
         kd_options: options of the related terms (``dcgd_views``, ``dcgd_strength``,
             ``dcgd_inter_weight``, ``msan_lambda``, ``late_levels``, ``ctx_positions``,
-            ``ctx_bandwidth``, ``aam_margin``; see ``KD.*`` in defaults.py).
+            ``ctx_bandwidth``, ``aam_margin``; see ``KD.*`` in defaults.py) and ``cfg`` (the
+            ``KD`` node, read by plugin terms as ``KDContext.cfg``).
 
     Shapes: see :class:`KDInputs`. ``forward`` returns ``{loss name: 0-dim Tensor}`` already
     multiplied by weight and cf; names are the terms' keys (:data:`TERM_KEYS` for the paper's).

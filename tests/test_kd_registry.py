@@ -251,3 +251,22 @@ def test_cmedl_preset_switches_on_hint_and_ctx_only():
     assert {k for k in wb if wb[k] != wc[k]} == {"hint", "ctx"}
     assert resolve_terms(list(cm.KD.TERMS), wc) == DEFAULT_TERMS + ("hint", "ctx")
     assert cm.KD.LATE_LEVELS == 2
+
+
+#: the pipeline rows of docs/kd_terms.md, as PIPELINE.EXTRA_STUDENTS entries "<row>: KEY VALUE ..."
+ROWS = {"+KMM: KD.W_KMM 3.0": ("kmm",), "+DCGD: KD.W_DCGD 3.0": ("dcgd",),
+        "+DCGD+MSAN: KD.W_DCGD 3.0 KD.W_MSAN 0.1": ("dcgd", "msan"),
+        "+CMEDL: KD.W_HINT 0.01 KD.W_CTX 0.1": ("hint", "ctx")}
+
+
+@pytest.mark.parametrize("row", sorted(ROWS))
+def test_pipeline_row_overrides_add_exactly_their_terms(row):
+    import shlex
+
+    from mdkd_det.config import get_cfg
+    from mdkd_det.distill.kd_terms import DEFAULT_TERMS, resolve_terms, term_weights
+
+    cfg = get_cfg()
+    cfg.merge_from_file("configs/LungCT/mdkd_faster_rcnn_R18_cpu.yaml")
+    cfg.merge_from_list(shlex.split(row.partition(":")[2]))
+    assert resolve_terms(list(cfg.KD.TERMS), term_weights(cfg.KD)) == DEFAULT_TERMS + ROWS[row]

@@ -1,7 +1,6 @@
 """KD_LOSS_REGISTRY (issue 15): the seven built-in terms run through the registry give
 BIT-IDENTICAL results to the Distiller before the registry; config keys; third-party terms."""
 
-import math
 from collections import OrderedDict
 
 import pytest

@@ -6,8 +6,10 @@
 and, for classification (Eq. 16), ``+ cf * kappa * KLD`` (Eq. 15, image logits, with t^2).
 
 The distiller owns the frozen teacher (kept out of ``state_dict`` and the optimizer), the
-student-side connectors (A3) and the schedules (cf, temperature, beta). It calls only the pure
-functions of :mod:`mdkd_det.distill.losses`, so every model family shares it; what differs per
+student-side connectors (A3) and the schedules (cf, temperature, beta). Its terms are the
+registered :class:`~mdkd_det.distill.kd_terms.KDTerm` objects named by ``KD.TERMS`` (plus any
+other with a non-zero weight: the related papers' terms and plugins, issue 15); each calls a pure
+function of :mod:`mdkd_det.distill.losses`, so every model family shares them; what differs per
 family is the adapter that produces :class:`KDInputs`.
 """
 

@@ -26,7 +26,6 @@ config group by :func:`mdkd_det.config.get_cfg` (the existing config-plugin mech
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -34,8 +33,6 @@ import torch
 
 from ..modeling.registry import Registry
 from . import losses as L
-
-logger = logging.getLogger(__name__)
 
 KD_LOSS_REGISTRY = Registry("KD_LOSS", entry_point_group="mdkd_det.kd_losses")
 KD_LOSS_REGISTRY.__doc__ = """KD terms: name -> :class:`KDTerm` (``register_kd_term``)."""

@@ -338,3 +338,20 @@ def test_lm_and_aam_on_a_real_unet_student():
     assert {"loss_LM", "loss_AA", "loss_DCGD", "loss_Con"} <= set(losses)
     assert all(torch.isfinite(v) for v in losses.values())
     sum(losses.values()).backward()
+
+
+def test_fsd_extract_cli_on_real_slices(tmp_path, data_root):
+    from mdkd_det.engine.checkpointer import Checkpointer
+    from mdkd_det.engine.defaults import build_model
+
+    from _tiny import tiny_cfg
+
+    cfg = tiny_cfg(tmp_path)
+    model = build_model(cfg)
+    Checkpointer(model, str(tmp_path)).save("m")
+    (tmp_path / "c.yaml").write_text(cfg.dump())
+    out = tmp_path / "e.npz"
+    assert fsd_main(["extract", "--config-file", str(tmp_path / "c.yaml"), "--weights", str(tmp_path / "m.pth"),
+                     "--datasets", "lungct_disjoint_test", "--limit", "3", "--out", str(out)]) == 0
+    with np.load(out) as z:
+        assert z.files == ["lungct_disjoint_test"] and z["lungct_disjoint_test"].shape == (3, 32)  # FPN 32 ch

@@ -13,7 +13,10 @@ CLI (one ``.npz`` per model, one array per domain, e.g. written by ``numpy.savez
 
     python -m mdkd_det.evaluation.fsd --ref teacher teacher=t.npz student=s.npz baseline=b.npz
 
-prints the report as JSON (docs/kd_terms.md, "FSD").
+prints the report as JSON (docs/kd_terms.md, "FSD"). The ``.npz`` of a trained model::
+
+    python -m mdkd_det.evaluation.fsd extract --config-file C.yaml --weights model.pth \
+        --datasets lungct_disjoint_test lung_pet_ct_dx_all --limit 64 --out student.npz
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ import torch
 from scipy import linalg
 from torch import nn
 
-__all__ = ["frechet_distance", "backbone_embeddings", "fsd_report"]
+__all__ = ["frechet_distance", "backbone_embeddings", "dataset_embeddings", "fsd_report"]
 
 
 def frechet_distance(a, b, squared_mean: bool = True, eps: float = 1e-6) -> float:
@@ -86,6 +89,31 @@ def backbone_embeddings(model: nn.Module, images: Sequence[torch.Tensor], level:
     return torch.cat(rows).numpy()
 
 
+@torch.no_grad()
+def dataset_embeddings(cfg, model: nn.Module, dataset_name: str, limit: int = 64,
+                       level: Optional[str] = None) -> np.ndarray:
+    """Per-image embeddings [N, C] of the first ``limit`` images of ``dataset_name`` (test
+    mapper of ``cfg``): a detector's own input transform (torchvision ``model.transform``:
+    resize + normalise + pad) when it has one, then :func:`backbone_embeddings`' pooling.
+
+    Raises:
+        DatasetError / ConfigError: unknown or unreadable dataset (from the data layer).
+    """
+    from ..data.build import build_detection_test_loader, get_dataset_records
+
+    records = get_dataset_records(cfg, [dataset_name], int(limit))
+    inner = model.module if hasattr(model, "module") else model
+    inner.eval()
+    rows = []
+    for batch in build_detection_test_loader(cfg, dataset_name, records=records):
+        images = [x["image"] for x in batch]
+        x = inner.transform(images)[0].tensors if hasattr(inner, "transform") else torch.stack(images)
+        feats = inner.backbone(x)
+        f = feats[level] if level is not None else list(feats.values())[-1]
+        rows.append(f.float().mean(dim=(2, 3)).cpu())
+    return torch.cat(rows).numpy()
+
+
 def fsd_report(embeddings: Mapping[str, Mapping[str, np.ndarray]], reference: Optional[str] = None,
                squared_mean: bool = True) -> Dict[str, Dict[str, float]]:
     """Fréchet distances of ``{model: {domain: [N, D]}}``:
@@ -111,8 +139,37 @@ def fsd_report(embeddings: Mapping[str, Mapping[str, np.ndarray]], reference: Op
     return out
 
 
+def extract_main(argv: Sequence[str]) -> int:
+    """``extract --config-file C --weights W --datasets d1 d2 --out emb.npz [--limit N]``: one
+    model's :func:`dataset_embeddings` per dataset, saved as one array per dataset name."""
+    from ..config import get_cfg
+    from ..engine.checkpointer import Checkpointer
+    from ..engine.defaults import build_model
+
+    p = argparse.ArgumentParser(prog="python -m mdkd_det.evaluation.fsd extract")
+    p.add_argument("--config-file", required=True)
+    p.add_argument("--weights", required=True)
+    p.add_argument("--datasets", nargs="+", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--limit", type=int, default=64)
+    args = p.parse_args(list(argv))
+    cfg = get_cfg()
+    cfg.merge_from_file(args.config_file)
+    cfg.merge_from_list(["MODEL.WEIGHTS", args.weights, "MODEL.DEVICE", "cpu", "DATALOADER.NUM_WORKERS", 0])
+    model = build_model(cfg)
+    Checkpointer(model, trust_checkpoints=bool(cfg.MODEL.TRUST_CHECKPOINTS)).load(args.weights)
+    np.savez(args.out, **{d: dataset_embeddings(cfg, model, d, args.limit) for d in args.datasets})
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI: ``name=file.npz`` per model (arrays = domains); prints :func:`fsd_report` as JSON."""
+    """CLI: ``name=file.npz`` per model (arrays = domains); prints :func:`fsd_report` as JSON.
+    ``extract ...`` writes such a file from a config and checkpoint (:func:`extract_main`)."""
+    import sys
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["extract"]:
+        return extract_main(argv[1:])
     p = argparse.ArgumentParser(prog="python -m mdkd_det.evaluation.fsd", description=__doc__.split("\n")[0])
     p.add_argument("models", nargs="+", help="name=embeddings.npz (one [N, D] array per domain)")
     p.add_argument("--ref", default=None, help="reference model name (e.g. the teacher)")

@@ -433,6 +433,33 @@ _C.KD.UNLABELED.IMS_PER_BATCH = 0
 # KD terms applied to unlabelled images, by loss name without "loss_" (paper_notes 3.3: soft
 # labels only, no hard labels): feature alignment, attention, region class KD, region embeddings.
 _C.KD.UNLABELED.TERMS = ("FAlgn", "Att", "ClsKD", "ROIKD")
+# KD-loss registry (issue 15; docs/kd_terms.md). KD.TERMS: the registered KD terms the
+# Distiller computes, in order (default: the paper's seven, Eq. 24 / Eq. 16); any other
+# registered term whose weight below is non-zero is computed after them (D15.1).
+_C.KD.TERMS = ["con", "falgn", "cos", "att", "clskd", "roikd", "kld"]
+# Related papers' terms (paper_notes Part 3), weight 0.0 = off (not computed). "On" values of the
+# pipeline rows: docs/kd_terms.md, config presets.
+_C.KD.W_KMM = 0.0  # 002 KMM, batch-Gram MSE + L1 on pooled levels (Eq. 6)
+_C.KD.W_DCGD = 0.0  # 001 DCGD multi-view graph KD (Eqs. 5-8), alpha of Eq. 10
+_C.KD.W_MSAN = 0.0  # 001 MSAN latent-alignment heads (Eqs. 2-4), trained as a KD term
+_C.KD.W_HINT = 0.0  # 004 CMEDL hint: FAlgn on the KD.LATE_LEVELS coarsest level pairs (Eq. 2)
+_C.KD.W_CTX = 0.0  # 004 CMEDL contextual loss on the late level pairs (Eqs. 3-4)
+_C.KD.W_LM = 0.0  # 002 LM pixel-logit KL(s || t), segmentation students (Eq. 7)
+_C.KD.W_AAM = 0.0  # 002 AAM affinity loss on pixel logits, segmentation students (Eqs. 1-4)
+# Number of coarsest (deepest) paired levels the CMEDL terms (hint, ctx) read; 0 = all.
+_C.KD.LATE_LEVELS = 2
+_C.KD.DCGD = CN()
+_C.KD.DCGD.VIEWS = 2  # photometric views per step besides the batch itself (each: +1 student
+# backbone forward/backward and +1 teacher backbone forward)
+_C.KD.DCGD.STRENGTH = 1.0  # scale of the view jitter (gamma/contrast/brightness +-20 %, noise 5 % std)
+_C.KD.DCGD.INTER_WEIGHT = 1.0  # beta / alpha of 001 Eq. 10 (100 / 100)
+_C.KD.MSAN = CN()
+_C.KD.MSAN.LAMBDA = 0.5  # lambda of 001 Eq. 4
+_C.KD.CTX = CN()
+_C.KD.CTX.POSITIONS = 256  # positions sampled per map and image (0 = all)
+_C.KD.CTX.BANDWIDTH = 0.5  # h of the contextual similarity (004 Eq. 3; D15.8)
+_C.KD.AAM = CN()
+_C.KD.AAM.MARGIN = 3.0  # m of 002 Eq. 2, in nats of KL (D15.7)
 
 # --------------------------------------------------------------------------------------------
 # The MDKD pipeline (baselines -> Stage 1 -> Stage 2 -> Stage 3; paper Algorithm 1)

@@ -91,6 +91,7 @@ def build_d2_distiller(cfg, student: nn.Module, teacher: nn.Module) -> Distiller
         teacher_emb_dim=emb_dim(teacher),
         **distiller_options(cfg.KD),
     )
+    distiller.attach_student(student)
     return distiller.to(torch.device(cfg.MODEL.DEVICE))
 
 

@@ -18,6 +18,11 @@ Optionally, 5. ``kd_shapes(student, teacher)`` -> ``(student_shapes, teacher_sha
 level_pairs)`` when the distilled levels are not the backbones' own levels paired by stride
 (classification: :mod:`mdkd_det.distill.cls_adapter`).
 
+An adapter may read ``self.kd_fields`` (the :class:`KDInputs` fields the active KD terms read,
+set by the Distiller when the adapter declares the attribute or a term reads ``pixel_logits``)
+to skip work nobody reads (the segmentation adapter runs the teacher's decoder only for
+``pixel_logits``).
+
 The :class:`~mdkd_det.distill.distiller.Distiller` consumes ``KDInputs`` only, so the Faster
 R-CNN, RF-DETR, detectron2 and seg/cls paths share every loss and the whole KD step.
 """
@@ -50,12 +55,18 @@ class KDInputs:
             the background logit); None if absent.
         logits: ``Tensor[B, K]`` image-level class logits (classification; L_KLD, Eq. 15); None
             if absent.
+        images: ``Tensor[B, C, H, W]`` the normalised, padded batch both backbones read (student
+            side; multi-view terms such as DCGD make their views from it); None if absent.
+        pixel_logits: ``Tensor[B, K, H, W]`` dense logits of a segmenter (K = 1: sigmoid head;
+            paper 002 LM / AAM); None if absent.
     """
 
     features: "OrderedDict[str, torch.Tensor]"
     region_embeddings: Optional[torch.Tensor] = None
     region_logits: Optional[torch.Tensor] = None
     logits: Optional[torch.Tensor] = None
+    images: Optional[torch.Tensor] = None
+    pixel_logits: Optional[torch.Tensor] = None
 
 
 def _unwrap(model: nn.Module) -> nn.Module:
@@ -92,6 +103,7 @@ class TwoStageAdapter:
             features=rec["features"],
             region_embeddings=rec.get("box_features"),
             region_logits=logits[0] if logits is not None else None,
+            images=self.batch_tensor(rec),
         )
 
     def teacher_inputs(self, teacher: nn.Module, rec) -> KDInputs:
@@ -187,20 +199,38 @@ class EncoderFeaturesAdapter:
     (for a joint teacher this is its :class:`FusionBackbone`, whose :class:`TeacherInput`
     re-normalises per teacher). No region terms: ``region_*`` are None, so the distiller
     computes only Con / FAlgn / CosSim / Att (Eq. 9: no output-level KD for seg, A30).
+
+    Pixel logits (paper 002 LM / AAM): a model with a ``decoder`` (the segmenters) has its
+    decoder output recorded; the teacher's decoder runs on its maps only when an active term
+    reads ``pixel_logits`` (:attr:`kd_fields`), so the default KD step costs nothing more.
     """
 
+    kd_fields: frozenset = frozenset()
+
     def student_taps(self) -> Dict[str, object]:
-        """``{"features": backbone output, "backbone_input": backbone input}``."""
-        return {"features": "backbone", "backbone_input": Tap("backbone", "input")}
+        """``{"features": backbone output, "backbone_input": backbone input}`` (+
+        ``"pixel_logits"``: the decoder output, when a term reads it)."""
+        taps = {"features": "backbone", "backbone_input": Tap("backbone", "input")}
+        if "pixel_logits" in self.kd_fields:
+            taps["pixel_logits"] = "decoder"
+        return taps
 
     def student_inputs(self, rec) -> KDInputs:
-        """Student maps ``OrderedDict[level, Tensor[B, C_l, H_l, W_l]]`` (with autograd)."""
-        return KDInputs(features=rec["features"])
+        """Student maps ``OrderedDict[level, Tensor[B, C_l, H_l, W_l]]`` (with autograd), the
+        normalised batch and, when recorded, the pixel logits [B, K, H, W]."""
+        return KDInputs(features=rec["features"], images=rec["backbone_input"],
+                        pixel_logits=rec.get("pixel_logits"))
 
     def teacher_inputs(self, teacher: nn.Module, rec) -> KDInputs:
-        """Teacher maps on the student's backbone input, under ``torch.no_grad``."""
+        """Teacher maps on the student's backbone input (and its decoder's pixel logits when
+        a term reads them), under ``torch.no_grad``."""
+        teacher = _unwrap(teacher)
+        x = rec["backbone_input"]
         with torch.no_grad():
-            return KDInputs(features=_unwrap(teacher).backbone(rec["backbone_input"]))
+            feats = teacher.backbone(x)
+            pix = (teacher.decoder(feats, size=x.shape[-2:])
+                   if "pixel_logits" in self.kd_fields and rec.get("pixel_logits") is not None else None)
+        return KDInputs(features=feats, pixel_logits=pix)
 
 
 def build_kd_adapter(name: str, cfg=None):

@@ -55,3 +55,38 @@ def match_levels_by_stride(student_shapes: Mapping, teacher_shapes: Mapping) -> 
             f"levels {dict((k, v.stride) for k, v in teacher_shapes.items())} share no stride"
         )
     return pairs
+
+
+class LatentAlignmentHead(nn.Module):
+    """MSAN encoding/decoding header of paper 001 (GKD, Sec. ACT step 3; loss Eqs. 2-4), as a
+    student-side connector: ``encode`` maps a map [B, C, H, W] to a latent S [B, D]
+    (1x1 conv + ReLU -> global average pooling -> Linear C->D), ``decode`` maps S back to
+    Fhat [B, C, H, W] (Linear D->C, broadcast over H x W, 1x1 conv). 001 gives no layer
+    structure; this is the "conv -> GAP -> FC and back" of paper_notes.md §3.1.
+
+    Args:
+        channels: C of the student map.
+        latent_dim: D (here the teacher's channel count, so S lives in the space of the
+            teacher's pooled descriptor, D15.6).
+    """
+
+    def __init__(self, channels: int, latent_dim: int) -> None:
+        super().__init__()
+        self.enc_conv = nn.Conv2d(channels, channels, kernel_size=1)
+        self.enc_fc = nn.Linear(channels, latent_dim)
+        self.dec_fc = nn.Linear(latent_dim, channels)
+        self.dec_conv = nn.Conv2d(channels, channels, kernel_size=1)
+
+    def encode(self, f):
+        """[B, C, H, W] -> latent [B, D]."""
+        return self.enc_fc(self.enc_conv(f).relu().mean(dim=(2, 3)))
+
+    def decode(self, z, size):
+        """latent [B, D] -> reconstruction [B, C, H, W] at ``size = (H, W)``."""
+        v = self.dec_fc(z)[:, :, None, None]
+        return self.dec_conv(v.expand(-1, -1, int(size[0]), int(size[1])))
+
+    def forward(self, f):
+        """``(S [B, D], Fhat [B, C, H, W])``."""
+        z = self.encode(f)
+        return z, self.decode(z, f.shape[-2:])

@@ -1,4 +1,6 @@
-"""Pure knowledge-distillation losses of MDKD (paper Eqs. 11-13, 15, 19-23).
+"""Pure knowledge-distillation losses of MDKD (paper Eqs. 11-13, 15, 19-23) and of the related
+papers 001 (GKD: DCGD Eqs. 5-8, MSAN Eqs. 2-4), 002 (KMM Eq. 6, LM Eq. 7, AAM Eqs. 1-4) and 004
+(CMEDL contextual loss Eqs. 3-4; paper_notes.md Part 3).
 
 Every function here is *pure*: no modules, hooks, config or state (except a warn-once flag for
 :func:`con`). Connectors (1x1 conv, resize modules with parameters) live on the student side of
@@ -33,7 +35,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["con", "falgn", "cos_sim", "att", "cls_kd", "roi_kd", "kld"]
+__all__ = ["con", "falgn", "cos_sim", "att", "cls_kd", "roi_kd", "kld",
+           "kmm", "dcgd", "msan", "contextual", "pixel_kl", "affinity"]
 
 Feats = Union[Tensor, Sequence[Tensor], Mapping[Any, Tensor]]
 
@@ -451,3 +454,280 @@ def kld(
     kl = _kl_log(log_pt, log_ps) if direction == "t||s" else _kl_log(log_ps, log_pt)
     loss = kl.sum() / z_s.shape[0]
     return loss * (T * T) if t2_scale else loss
+
+
+# --------------------------------------------------------------------------------------------
+# Related papers (issue 15; paper_notes.md Part 3)
+# --------------------------------------------------------------------------------------------
+def kmm(s_feats: Feats, t_feats: Feats, *, normalize: bool = True, reduction: str = "mean") -> Tensor:
+    """Kernel Matrix Module L_KM of paper 002 (Eqs. 5-6): batch Gram matrices, MSE + L1.
+
+    Per level: ``z = GAP(f)`` -> [B, C] (L2-normalised rows if ``normalize``, D15.4: the paper
+    does not say, and unit rows make the loss scale-free like L_Con); ``K = Z Z^T`` (B x B) for
+    student and teacher (within one model, so C may differ); ``D = K_s - K_t`` and
+
+    - ``reduction="mean"`` (A4): ``mean(D^2) + mean(|D|)`` over the B^2 entries;
+    - ``reduction="paper"`` (Eq. 6 as printed): ``(1/B) sum D^2 + sum |D|``.
+
+    Averaged over levels.
+
+    Args:
+        s_feats, t_feats: per-level [B, C, H, W] maps or [B, C] vectors; only B must agree.
+        normalize: L2-normalise the pooled descriptors first.
+        reduction: ``"mean"`` or ``"paper"``.
+
+    Returns:
+        0-dim float32 tensor; 0 (with gradient path, warned once) when B < 2.
+
+    Raises:
+        ValueError: level count / batch / rank mismatch, bad ``reduction``.
+    """
+    _check_choice("kmm", "reduction", reduction, _REDUCTIONS)
+    pairs = _pair_levels("kmm", s_feats, t_feats)
+    B = pairs[0][1].shape[0]
+    if B < 2:
+        _warn_once("kmm_batch", f"kmm (L_KM, paper 002 Eq. 6) needs batch size >= 2, got {B}; returning 0.")
+        return _zero(*(s for _, s, _ in pairs))
+    total = None
+    for name, s, t in pairs:
+        zs, zt = _gap(s.float()), _gap(t.detach().float())
+        if normalize:
+            zs, zt = F.normalize(zs, dim=1), F.normalize(zt, dim=1)
+        d = zs @ zs.t() - zt @ zt.t()
+        level = (d.pow(2).mean() + d.abs().mean() if reduction == "mean"
+                 else d.pow(2).sum() / B + d.abs().sum())
+        total = level if total is None else total + level
+    return total / len(pairs)
+
+
+def _check_views(fn: str, z_s: Tensor, z_t: Tensor) -> None:
+    if z_s.dim() != 3 or z_s.shape[:2] != z_t.shape[:2] or z_s.shape[0] < 2:
+        raise ValueError(f"{fn}: needs latents [V, B, D] with V >= 2 views (anchor first) and the "
+                         f"same V, B for student and teacher, got {tuple(z_s.shape)} and {tuple(z_t.shape)}")
+
+
+def dcgd(z_s: Tensor, z_t: Tensor, *, inter_weight: float = 1.0, eps: float = 1e-8) -> Tensor:
+    """Dual Contrastive Graph Distillation of paper 001 (GKD), Eqs. 5-8, on per-image latents.
+
+    View 0 is the anchor (the un-augmented image), views 1..V-1 photometric views. Latents are
+    L2-normalised (D15.5). Per image and view, the node is the outer product
+    ``N_v = z_v z_v^T`` [D, D]; an edge between views u, v is the cosine of their nodes,
+    ``cos(vec N_u, vec N_v) = (z_u . z_v)^2`` for unit z (exact identity, used here). Then
+
+    - Eq. 5 ``L_intra = |N^T - N^S|_1 + |E^T - E^S|_1``: nodes of every view (anchor included),
+      edges anchor -> each view;
+    - Eq. 6 ``L_inter(N) = KL(softmax(N^T) || softmax(N^S))`` row-wise over the views 1..V-1
+      (softmax axis not given in 001: rows, KL summed over a row, mean over rows);
+    - Eq. 7 ``L_inter(E) = |E^T - E^S|_1`` over the pairs of views 1..V-1 (0 when V < 3);
+    - Eq. 8 ``L_inter = L_inter(N) + L_inter(E)``;
+
+    every ``|.|_1`` a mean absolute difference (A4), all means over images and views.
+    Returns ``L_intra + inter_weight * L_inter`` (001 Eq. 10 has alpha L_intra + beta L_inter,
+    alpha = beta = 100: ``inter_weight`` = beta / alpha, the term weight = alpha).
+
+    Args:
+        z_s, z_t: student / teacher latents [V, B, D] (pooled features or MSAN latents); the
+            teacher is detached.
+        inter_weight: beta / alpha.
+        eps: norm floor.
+
+    Returns:
+        0-dim float32 tensor.
+
+    Raises:
+        ValueError: shapes (fewer than 2 views, V/B mismatch).
+    """
+    _check_views("dcgd", z_s, z_t)
+    zs = F.normalize(z_s.float(), dim=2, eps=eps)
+    zt = F.normalize(z_t.detach().float(), dim=2, eps=eps)
+    n_s = zs.unsqueeze(3) * zs.unsqueeze(2)  # [V, B, D, D]
+    n_t = zt.unsqueeze(3) * zt.unsqueeze(2)
+    e_s = (zs[:1] * zs[1:]).sum(dim=2).pow(2)  # [V-1, B] anchor -> view edges
+    e_t = (zt[:1] * zt[1:]).sum(dim=2).pow(2)
+    intra = (n_t - n_s).abs().mean() + (e_t - e_s).abs().mean()
+    log_ps = F.log_softmax(n_s[1:], dim=-1)
+    log_pt = F.log_softmax(n_t[1:], dim=-1)
+    inter_n = _kl_log(log_pt, log_ps).sum(dim=-1).mean()
+    v = zs.shape[0] - 1
+    if v >= 2:
+        iu = torch.triu_indices(v, v, offset=1, device=zs.device)
+        g_s = torch.einsum("ubd,vbd->uvb", zs[1:], zs[1:]).pow(2)[iu[0], iu[1]]
+        g_t = torch.einsum("ubd,vbd->uvb", zt[1:], zt[1:]).pow(2)[iu[0], iu[1]]
+        inter_e = (g_t - g_s).abs().mean()
+    else:
+        inter_e = _zero(zs)
+    return intra + float(inter_weight) * (inter_n + inter_e)
+
+
+def msan(f: Tensor, f_hat: Tensor, z: Tensor, z_ref: Tensor, lam: float = 0.5) -> Tensor:
+    """MSAN latent-alignment loss of paper 001, Eqs. 2-4:
+    ``L_MSAN = L_rec + lam * L_regu``, ``L_rec = |F - Fhat|_1``, ``L_regu = |S^Y - S|_1``
+    (mean absolute differences, A4; lam = 0.5 in 001).
+
+    Args:
+        f: [B, C, H, W] features the head encodes; ``f_hat``: its reconstruction (same shape).
+        z: [B, D] latent of the head; ``z_ref``: [B, D] reference latent (001: the label SAE
+            latent; here the teacher's normalised pooled descriptor, D15.6; detached).
+        lam: lambda of Eq. 4.
+
+    Returns:
+        0-dim float32 tensor.
+
+    Raises:
+        ValueError: shape mismatch.
+    """
+    if f.shape != f_hat.shape or z.shape != z_ref.shape:
+        raise ValueError(f"msan: F {tuple(f.shape)} vs Fhat {tuple(f_hat.shape)}, S {tuple(z.shape)} "
+                         f"vs S_ref {tuple(z_ref.shape)} must match")
+    rec = (f.float() - f_hat.float()).abs().mean()
+    regu = (z_ref.detach().float() - z.float()).abs().mean()
+    return rec + float(lam) * regu
+
+
+def _positions(x: Tensor, n: int, generator=None) -> Tensor:
+    """[B, C, H, W] -> [B, P, C] with P = min(n, H*W) positions drawn without replacement
+    (``n <= 0`` or ``n >= H*W``: every position, in order)."""
+    flat = x.flatten(2).transpose(1, 2)
+    hw = flat.shape[1]
+    if n <= 0 or n >= hw:
+        return flat
+    idx = torch.randperm(hw, generator=generator, device="cpu")[:n].to(x.device)
+    return flat[:, idx]
+
+
+def contextual(s_feats: Feats, t_feats: Feats, *, h: float = 0.5, positions: int = 256,
+               eps: float = 1e-5, generator=None) -> Tensor:
+    """Contextual loss of paper 004 (CMEDL), Eqs. 3-4 (Mechrez et al. 2018), on spatially
+    unaligned feature maps.
+
+    Per level and image: x_i = student feature vectors at P_s positions, y_j = teacher vectors at
+    P_t positions (each at most ``positions``, drawn at random; sizes may differ, channels must
+    match: connector A3). Centred by the teacher mean ``mu = mean_j y_j``, cosine distance
+    ``d_ij = 1 - cos(x_i - mu, y_j - mu)``, ``dt_ij = d_ij / (min_k d_ik + eps)``,
+    ``w_ij = exp((1 - dt_ij) / h)``, ``CX_ij = w_ij / sum_k w_ik``;
+    ``CX = (1/P_t) sum_j max_i CX_ij`` (Eq. 3) and ``L_cx = -log CX`` (Eq. 4); mean over images
+    and levels.
+
+    Args:
+        s_feats, t_feats: per-level [B, C, H, W] maps (list, mapping or one tensor).
+        h: bandwidth (> 0; 0.5, D15.8).
+        positions: positions sampled per map (<= 0 = all).
+        eps: as in the formula.
+        generator: optional ``torch.Generator`` for the position draw (CPU).
+
+    Returns:
+        0-dim float32 tensor >= 0.
+
+    Raises:
+        ValueError: channels / levels / batch mismatch, non-4-D maps, ``h`` <= 0.
+    """
+    if not h > 0:
+        raise ValueError(f"contextual: bandwidth h must be > 0, got {h!r}")
+    pairs = _pair_levels("contextual", s_feats, t_feats)
+    total = None
+    for name, s, t in pairs:
+        if s.dim() != 4:
+            raise ValueError(f"contextual: {name} needs [B,C,H,W] maps, got {tuple(s.shape)}")
+        _check_channels("contextual", name, s, t)
+        x = _positions(s.float(), positions, generator)
+        y = _positions(t.detach().float(), positions, generator)
+        mu = y.mean(dim=1, keepdim=True)
+        xn, yn = F.normalize(x - mu, dim=2), F.normalize(y - mu, dim=2)
+        d = 1.0 - xn @ yn.transpose(1, 2)  # [B, P_s, P_t]
+        dt = d / (d.min(dim=2, keepdim=True).values + eps)
+        cx = F.softmax((1.0 - dt) / h, dim=2)  # = w_ij / sum_k w_ik
+        level = -torch.log(cx.max(dim=1).values.mean(dim=1)).mean()
+        total = level if total is None else total + level
+    return total / len(pairs)
+
+
+def _pixel_log_probs(z: Tensor, T: float) -> Tensor:
+    """[B, K, H, W] logits -> [B, K', H, W] log-probabilities: softmax over K, or for K = 1 the
+    Bernoulli pair (log sigma, log(1 - sigma)) (K' = 2)."""
+    z = z.float() / T
+    if z.shape[1] == 1:
+        return torch.cat([F.logsigmoid(-z), F.logsigmoid(z)], dim=1)
+    return F.log_softmax(z, dim=1)
+
+
+def pixel_kl(z_s: Tensor, z_t: Tensor, T: float = 1.0, *, direction: str = "s||t") -> Tensor:
+    """Pixel-wise logit KD L_Logits of paper 002 (LM), Eq. 7:
+    ``(1/N) sum_i KL(p_i^s || p_i^t)`` over the N pixels of the batch (KL summed over classes),
+    student||teacher as printed, T = 1 (no temperature in 002). One-channel (sigmoid) heads use
+    the Bernoulli pair (background, foreground). The student map is bilinearly resized to the
+    teacher's size when they differ.
+
+    Args:
+        z_s, z_t: pixel logits [B, K, H, W] (K = 1: binary).
+        T: temperature (> 0).
+        direction: ``"s||t"`` (Eq. 7) or ``"t||s"``.
+
+    Returns:
+        0-dim float32 tensor.
+
+    Raises:
+        ValueError: rank / batch / class-count mismatch, bad ``T`` / ``direction``.
+    """
+    _check_temperature("pixel_kl", T)
+    _check_choice("pixel_kl", "direction", direction, _DIRECTIONS)
+    if z_s.dim() != 4 or z_t.dim() != 4 or z_s.shape[:2] != z_t.shape[:2]:
+        raise ValueError(f"pixel_kl: needs [B,K,H,W] logits with equal B, K, got {tuple(z_s.shape)} "
+                         f"and {tuple(z_t.shape)}")
+    log_ps = _pixel_log_probs(_resize_to(z_s.float(), z_t.shape[-2:]), T)
+    log_pt = _pixel_log_probs(z_t.detach(), T)
+    kl = _kl_log(log_ps, log_pt) if direction == "s||t" else _kl_log(log_pt, log_ps)
+    return kl.sum(dim=1).mean()
+
+
+_NEIGHBOURS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
+
+
+def affinity(z_s: Tensor, z_t: Tensor, *, margin: float = 3.0, dilation: int = 1) -> Tensor:
+    """Adaptive Affinity loss of paper 002 (AAM), Eqs. 1-4 (after Ke et al. 2018, AAF).
+
+    Pairs (i, j) = every pixel i and each of its 8 neighbours j at ``dilation`` (inside the map).
+    The teacher's label map (argmax of softmax; sigmoid > 0.5 for one channel) splits them into
+    P+ (same label) and P- (different). With ``W_ij = KL(F_i || F_j)`` between the student's
+    class-probability vectors at i and j (Eq. 3):
+    ``L_AA = mean_{P+} W_ij + mean_{P-} max(0, m - W_ij)`` (Eqs. 1, 2, 4); an empty set
+    contributes 0. The margin and the neighbourhood are not given in 002 (D15.7: AAF's 8
+    neighbours, m = 3).
+
+    Args:
+        z_s, z_t: pixel logits [B, K, H, W] (K = 1: binary); the student is resized to the
+            teacher's size when they differ.
+        margin: m of Eq. 2.
+        dilation: neighbour distance in pixels (>= 1).
+
+    Returns:
+        0-dim float32 tensor.
+
+    Raises:
+        ValueError: rank / batch / class-count mismatch, ``dilation`` < 1.
+    """
+    if z_s.dim() != 4 or z_t.dim() != 4 or z_s.shape[:2] != z_t.shape[:2]:
+        raise ValueError(f"affinity: needs [B,K,H,W] logits with equal B, K, got {tuple(z_s.shape)} "
+                         f"and {tuple(z_t.shape)}")
+    if int(dilation) < 1:
+        raise ValueError(f"affinity: dilation must be >= 1, got {dilation}")
+    log_p = _pixel_log_probs(_resize_to(z_s.float(), z_t.shape[-2:]), 1.0)  # [B, K', H, W]
+    zt = z_t.detach()
+    label = (zt[:, 0] > 0).long() if zt.shape[1] == 1 else zt.argmax(dim=1)  # [B, H, W]
+    H, W = label.shape[-2:]
+    pos_sum = neg_sum = _zero(log_p)
+    n_pos = n_neg = 0
+    k = int(dilation)
+    for dy, dx in _NEIGHBOURS:
+        dy, dx = dy * k, dx * k
+        ys, yn = slice(max(0, -dy), H - max(0, dy)), slice(max(0, dy), H - max(0, -dy))
+        xs, xn = slice(max(0, -dx), W - max(0, dx)), slice(max(0, dx), W - max(0, -dx))
+        li, lj = log_p[:, :, ys, xs], log_p[:, :, yn, xn]
+        if li.numel() == 0:
+            continue
+        w = _kl_log(li, lj).sum(dim=1)  # KL(F_i || F_j), [B, h, w]
+        same = label[:, ys, xs] == label[:, yn, xn]
+        pos_sum = pos_sum + w[same].sum()
+        neg_sum = neg_sum + (margin - w[~same]).clamp(min=0).sum()
+        n_pos += int(same.sum())
+        n_neg += int((~same).sum())
+    return pos_sum / max(n_pos, 1) + neg_sum / max(n_neg, 1)

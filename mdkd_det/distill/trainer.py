@@ -31,6 +31,7 @@ from ..utils.errors import ConfigError
 from . import cls_adapter  # noqa: F401  (registers the "image_classifier" adapter)
 from .adapters import build_kd_adapter
 from .distiller import Distiller, freeze_teacher
+from .kd_terms import term_weights
 from .mixin import KDTrainerMixin
 from .schedules import build_schedule
 from .unlabeled import build_unlabeled_loader, check_unlabeled_config, load_unlabeled_records, unlabeled_loss_keys
@@ -93,14 +94,17 @@ def _embedding_dim(model: nn.Module) -> Optional[int]:
 
 
 def distiller_options(kd) -> dict:
-    """Keyword arguments of :class:`Distiller` read from a ``KD`` config node: weights, cf,
-    temperature (+ schedule), beta schedule and loss options (paper Eq. 24, §6.3).
+    """Keyword arguments of :class:`Distiller` read from a ``KD`` config node: the terms
+    (``KD.TERMS``) and their weights (each registered term's ``KD.W_*`` key,
+    :func:`~mdkd_det.distill.kd_terms.term_weights`), cf, temperature (+ schedule), beta schedule
+    and loss options (paper Eq. 24, §6.3; related terms: ``KD.DCGD/MSAN/CTX/AAM.*``).
 
     Shared by this trainer and the detectron2 one (:mod:`mdkd_det.d2.trainer`), whose ``KD``
     node has the same keys (:func:`mdkd_det.d2.config.add_mdkd_config`).
 
     Raises:
         ConfigError: unknown ``KD.TEMPERATURE_SCHEDULE`` / ``KD.BETA_SCHEDULE``.
+        RegistryError: (at Distiller build) an unknown name in ``KD.TERMS``.
     """
     cf = build_schedule(kd.CF.SCHEDULE, **(
         {"value": kd.CF.MAX} if kd.CF.SCHEDULE == "constant"
@@ -118,8 +122,13 @@ def distiller_options(kd) -> dict:
     elif kd.BETA_SCHEDULE != "constant":
         raise ConfigError(f"KD.BETA_SCHEDULE must be 'constant' or 'beta', got '{kd.BETA_SCHEDULE}'")
     return dict(
-        weights={"con": kd.W_CON, "falgn": kd.W_FALGN, "cos": kd.W_COS, "att": kd.W_ATT,
-                 "clskd": kd.W_CLSKD, "roikd": kd.W_ROIKD, "kld": kd.W_KLD},
+        weights=term_weights(kd),
+        terms=list(kd.TERMS),
+        kd_options={"dcgd_views": kd.DCGD.VIEWS, "dcgd_strength": kd.DCGD.STRENGTH,
+                    "dcgd_inter_weight": kd.DCGD.INTER_WEIGHT, "msan_lambda": kd.MSAN.LAMBDA,
+                    "late_levels": kd.LATE_LEVELS, "ctx_positions": kd.CTX.POSITIONS,
+                    "ctx_bandwidth": kd.CTX.BANDWIDTH, "aam_margin": kd.AAM.MARGIN,
+                    "cfg": kd},  # the whole node, for plugin terms' own keys (KDContext.cfg)
         cf=cf,
         temperature=kd.TEMPERATURE,
         temperature_schedule=t_sched,
@@ -154,6 +163,7 @@ def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module) -> Dis
         runtime=TeacherRuntime.from_config(cfg),
         **distiller_options(cfg.KD),
     )
+    distiller.attach_student(s_unwrapped)
     return distiller.to(torch.device(cfg.MODEL.DEVICE))
 
 

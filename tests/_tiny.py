@@ -22,3 +22,19 @@ def tiny_cfg(out_dir, max_iter=2, **over):
     for k, v in over.items():
         cfg.merge_from_list([k, v])
     return cfg
+
+
+def tiny_kd_cfg(tmp_path, max_iter=2, **over):
+    """A saved tiny teacher under ``tmp_path/teacher`` and a KD student config distilling from it
+    into ``tmp_path/student`` (constant cf, no evaluation); ``over`` adds config overrides."""
+    from mdkd_det.engine.checkpointer import Checkpointer
+    from mdkd_det.engine.defaults import build_model
+
+    tdir = tmp_path / "teacher"
+    tcfg = tiny_cfg(tdir, max_iter=1)
+    Checkpointer(build_model(tcfg), str(tdir)).save("model_final")
+    (tdir / "config.yaml").write_text(tcfg.dump())
+    return tiny_cfg(tmp_path / "student", max_iter=max_iter, **{
+        "KD.ENABLED": True, "KD.TEACHER_CONFIG": str(tdir / "config.yaml"),
+        "KD.TEACHER_WEIGHTS": str(tdir / "model_final.pth"), "KD.CF.SCHEDULE": "constant",
+        "DATASETS.TEST": "()", **over})

@@ -18,7 +18,7 @@ from mdkd_det.engine.defaults import build_model, do_test
 from mdkd_det.modeling.shape_spec import ShapeSpec
 from mdkd_det.utils.errors import CheckpointError
 
-from _tiny import tiny_cfg
+from _tiny import tiny_cfg, tiny_kd_cfg
 
 ALL_TERMS = set(TERM_KEYS.values()) - {"loss_KLD"}  # detection terms; KLD reads image-level logits (cls)
 
@@ -196,15 +196,7 @@ def test_teacher_checkpoint_mismatch_names_file_and_keys(tmp_path):
 
 
 def test_kd_trainer_exports_plain_student_that_evaluates(tmp_path, data_root):
-    tdir = tmp_path / "teacher"
-    tcfg = tiny_cfg(tdir, max_iter=1)
-    teacher = build_model(tcfg)
-    Checkpointer(teacher, str(tdir)).save("model_final")
-    (tdir / "config.yaml").write_text(tcfg.dump())
-    cfg = tiny_cfg(tmp_path / "student", max_iter=2, **{
-        "KD.ENABLED": True, "KD.TEACHER_CONFIG": str(tdir / "config.yaml"),
-        "KD.TEACHER_WEIGHTS": str(tdir / "model_final.pth"), "KD.CF.SCHEDULE": "constant",
-        "DATASETS.TEST": "()"})
+    cfg = tiny_kd_cfg(tmp_path, max_iter=2)
     trainer = KDTrainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()

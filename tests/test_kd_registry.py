@@ -203,23 +203,14 @@ def test_installed_plugin_term_trains_in_kd_trainer(tmp_path, monkeypatch, data_
 
     from mdkd_det.distill.kd_terms import KD_LOSS_REGISTRY, get_term
     from mdkd_det.distill.trainer import KDTrainer
-    from mdkd_det.engine.checkpointer import Checkpointer
-    from mdkd_det.engine.defaults import build_model
 
-    from _tiny import tiny_cfg
+    from _tiny import tiny_cfg, tiny_kd_cfg
 
     _install_plugin(tmp_path, monkeypatch)
     try:
-        tdir = tmp_path / "teacher"
-        tcfg = tiny_cfg(tdir, max_iter=1)
+        tcfg = tiny_cfg(tmp_path / "plain", max_iter=1)
         assert tcfg.KD.W_TOY == 0.0 and tcfg.KD.TOY.SCALE == 1.0  # the plugin's keys, via get_cfg
-        teacher = build_model(tcfg)
-        Checkpointer(teacher, str(tdir)).save("model_final")
-        (tdir / "config.yaml").write_text(tcfg.dump())
-        cfg = tiny_cfg(tmp_path / "student", max_iter=3, **{
-            "KD.ENABLED": True, "KD.TEACHER_CONFIG": str(tdir / "config.yaml"),
-            "KD.TEACHER_WEIGHTS": str(tdir / "model_final.pth"), "KD.CF.SCHEDULE": "constant",
-            "DATASETS.TEST": "()", "KD.W_TOY": 2.0, "KD.TOY.SCALE": 3.0})
+        cfg = tiny_kd_cfg(tmp_path, max_iter=3, **{"KD.W_TOY": 2.0, "KD.TOY.SCALE": 3.0})
         trainer = KDTrainer(cfg)
         d = trainer.distiller
         assert d.terms[-1] == "toy" and d.weights["toy"] == 2.0 and get_term("toy").key == "loss_Toy"

@@ -136,11 +136,16 @@ def test_python_block_runs_on_a_tiny_model(tmp_path, monkeypatch, data_root):
 
 def test_toml_groups_and_links():
     from mdkd_det.config.config import CONFIG_ENTRY_POINT_GROUP
+    from mdkd_det.distill.kd_terms import KD_LOSS_REGISTRY
     from mdkd_det.modeling.registry import BACKBONE_REGISTRY
 
     (toml,) = _blocks("toml")
     groups = re.findall(r'entry-points\."([^"]+)"', toml)
-    assert groups == [BACKBONE_REGISTRY._entry_point_group, CONFIG_ENTRY_POINT_GROUP]
+    assert groups == [
+        BACKBONE_REGISTRY._entry_point_group,
+        CONFIG_ENTRY_POINT_GROUP,
+        KD_LOSS_REGISTRY._entry_point_group,
+    ]
     for group in re.findall(r"`(mdkd_det\.[a-z_]+)`", README):
         if group.split(".")[1] in ("detectors", "fusion_ops", "kd_adapters"):
             src = "\n".join(p.read_text() for p in (REPO / "mdkd_det").rglob("*.py"))

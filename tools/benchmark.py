@@ -38,6 +38,9 @@ training step timed in the ``steps`` group, is the denominator of every step rat
 - ``scaling`` (``--scaling``): one row per (teachers, px): plain, joint-teacher and KD step
   times, one teacher forward, their ratios and the peak RSS of the joint and KD processes;
   table on stdout (without ``--json``) and a PNG (``--plot``).
+- ``profile`` (``--groups profile``, not in the default run): ``torch.profiler`` of one plain
+  and one KD step: top operators by self CPU time, and the KD step's ``mdkd::teacher`` and
+  ``mdkd::kd_terms`` ranges (seconds).
 """
 
 from __future__ import annotations
@@ -403,8 +406,56 @@ def group_scaling_kd(args) -> dict:
             "base_mem_mb": base_mb}
 
 
+def group_profile(args) -> dict:
+    """``torch.profiler`` of one plain step and one KD step (after warm-up): the top operators by
+    self CPU time of each, and the KD step's time split into the student's step, the frozen
+    teacher (``Distiller.teacher_inputs``) and the KD terms (``Distiller.forward``), each a
+    ``record_function`` range."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    _setup(args)
+    from mdkd_det.distill.distiller import Distiller
+    from mdkd_det.engine.defaults import build_model
+
+    cfg = _cfg(args, SWITCHES_ON)
+    batch = _batch(cfg, int(cfg.SOLVER.IMS_PER_BATCH))
+    plain = _trainer(build_model(cfg), batch, cfg)
+    kd, _, _, _, _ = _kd_parts(cfg, None, batch, 3)
+    wrapped = {}
+    for name in ("teacher_inputs", "forward"):  # label the KD parts without touching the package
+        orig = getattr(Distiller, name)
+
+        def labelled(self, *a, _orig=orig, _name=name, **k):
+            with record_function("mdkd::" + ("teacher" if _name == "teacher_inputs" else "kd_terms")):
+                return _orig(self, *a, **k)
+        wrapped[name] = orig
+        setattr(Distiller, name, labelled)
+    out = {}
+    try:
+        for key, fn in (("plain", plain), ("kd", kd)):
+            for _ in range(max(1, args["warmup"])):
+                fn()
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                with record_function("mdkd::step"):
+                    fn()
+            events = prof.key_averages()
+            total = sum(e.self_cpu_time_total for e in events) / 1e6
+            top = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:args["profile_top"]]
+            out[key] = {
+                "total_self_cpu_s": total,
+                "ranges_s": {e.key: e.cpu_time_total / 1e6 for e in events if e.key.startswith("mdkd::")},
+                "top_ops": [{"op": e.key, "self_cpu_s": e.self_cpu_time_total / 1e6, "calls": e.count,
+                             "share": e.self_cpu_time_total / 1e6 / total} for e in top]}
+    finally:
+        for name, orig in wrapped.items():
+            setattr(Distiller, name, orig)
+    return out
+
+
 GROUPS = {"dataset_specific": group_dataset_specific, "steps": group_steps, "student": group_student,
-          "eval": group_eval}
+          "eval": group_eval, "profile": group_profile}
+DEFAULT_GROUPS = [g for g in GROUPS if g != "profile"]
 INTERNAL_GROUPS = {"scaling_joint": group_scaling_joint, "scaling_kd": group_scaling_kd}
 
 
@@ -479,6 +530,8 @@ def summarize(raw: dict) -> dict:
         d = raw["dataset_specific"]
         put("trainer_overhead_ratio", d["trainer_step_s"], d["bare_step_s"])
         out["loader_headroom"] = d["loader_images_per_s"] / (d["batch_size"] / _med(d["trainer_step_s"]))
+    if "profile" in raw:
+        out["profile"] = raw["profile"]
     if "eval" in raw:
         e = raw["eval"]
         out["eval_speed_ratio"] = e["faster_coco_eval_s"] / e["pycocotools_s"]
@@ -558,7 +611,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2, help="torch threads of every group")
     p.add_argument("--workers", type=int, default=2, help="train loader workers")
     p.add_argument("--loader-seconds", type=float, default=8.0)
-    p.add_argument("--groups", default=",".join(GROUPS), help="comma-separated subset of " + ",".join(GROUPS))
+    p.add_argument("--groups", default=",".join(DEFAULT_GROUPS),
+                   help="comma-separated subset of " + ",".join(GROUPS) + " (default: all but profile)")
     p.add_argument("--scaling", action="store_true",
                    help="only the scaling rows (teachers x px), each side in its own process")
     p.add_argument("--scaling-teachers", default=",".join(map(str, SCALING_TEACHERS)))
@@ -566,11 +620,12 @@ def main(argv=None) -> int:
     p.add_argument("--scaling-batch", type=int, default=2, help="images per step in the scaling rows")
     p.add_argument("--plot", default="", help="scaling PNG path (default: none)")
     p.add_argument("--raw", action="store_true", help="include every per-round time in the JSON")
+    p.add_argument("--profile-top", type=int, default=15, help="operators listed per step by the profile group")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="KEY VALUE config overrides")
     a = p.parse_args(argv)
     args = {"config_file": a.config_file or DETECTOR_CONFIGS[a.detector], "opts": a.opts, "iters": a.iters,
             "warmup": a.warmup, "workers": a.workers, "loader_seconds": a.loader_seconds,
-            "threads": a.threads, "scaling_batch": a.scaling_batch}
+            "threads": a.threads, "scaling_batch": a.scaling_batch, "profile_top": a.profile_top}
     if a.scaling:
         rows, raw = [], {}
         for size in map(int, a.scaling_sizes.split(",")):

@@ -24,13 +24,13 @@ import os
 import pickle
 import re
 import types
-from typing import Any
+from typing import Any, Mapping, Tuple
 
 import torch
 
 from .errors import CheckpointError
 
-__all__ = ["load_checkpoint_file", "load_model_state", "SAFE_GLOBALS", "TRUST_HINT"]
+__all__ = ["load_checkpoint_file", "load_model_state", "split_model_state", "SAFE_GLOBALS", "TRUST_HINT"]
 
 #: Classes that rfdetr's official checkpoints pickle besides tensors (``args`` is an
 #: ``argparse.Namespace`` or ``types.SimpleNamespace`` of plain values; the same list as rfdetr's
@@ -89,21 +89,41 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:200]}" if text else f"{type(e).__name__}, e.g. an empty or truncated file"
 
 
-def load_model_state(path: str, trust: bool = False, what: str = "checkpoint") -> dict:
-    """The model state dict of a checkpoint file (read by :func:`load_checkpoint_file`).
+def split_model_state(ckpt: Any, path: str, what: str = "checkpoint") -> Tuple[dict, bool]:
+    """The model state dict inside a loaded checkpoint object.
 
-    Accepts our Checkpointer's ``{"model": state_dict, ...}``, Lightning-style
-    ``{"state_dict": ...}`` and a bare state dict (name -> tensor).
+    Accepts our Checkpointer's ``{"model": state_dict, ...}`` (detectron2/fvcore layout),
+    Lightning-style ``{"state_dict": ...}`` and a bare state dict (name -> tensor).
+
+    Args:
+        ckpt: what :func:`load_checkpoint_file` returned.
+        path, what: named in the error.
+
+    Returns:
+        ``(state_dict, has_model_key)``; ``has_model_key`` is True for the ``{"model": ...}``
+        layout, whose other top-level entries (optimizer, RNG, ``iteration``...) a resume reads.
+
+    Raises:
+        CheckpointError: none of the three layouts (the message names the top-level keys).
+    """
+    if isinstance(ckpt, Mapping):
+        for key in ("model", "state_dict"):
+            if isinstance(ckpt.get(key), Mapping):
+                return ckpt[key], key == "model"
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            return ckpt, False
+        top = f"top-level keys {list(ckpt)[:10]}"
+    else:
+        top = f"top-level object {type(ckpt).__name__}"
+    raise CheckpointError(f"{path}: not a model checkpoint ({what}): expected a state dict or a dict with a "
+                          f"'model' or 'state_dict' state dict, got {top}")
+
+
+def load_model_state(path: str, trust: bool = False, what: str = "checkpoint") -> dict:
+    """The model state dict of a checkpoint file (:func:`load_checkpoint_file`, then
+    :func:`split_model_state`).
 
     Raises:
         CheckpointError: missing, unreadable or refused file, or no state dict inside.
     """
-    ckpt = load_checkpoint_file(path, trust=trust, what=what)
-    for key in ("model", "state_dict"):
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            return ckpt[key]
-    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return ckpt
-    keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-    raise CheckpointError(f"{path} ({what}) holds neither {{'model': state_dict}} nor a state dict "
-                          f"(top level: {keys})")
+    return split_model_state(load_checkpoint_file(path, trust=trust, what=what), path, what)[0]

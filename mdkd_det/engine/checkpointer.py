@@ -14,10 +14,11 @@ Checkpoint layout (one ``.pth`` file, ``torch.save`` of a dict; fvcore's, plus `
 What this module adds to fvcore (``fvcore.common.checkpoint``):
 
 - **Atomic writes.** fvcore writes through ``self.path_manager.open``; ours is an
-  :class:`_AtomicPathManager` whose write mode is :func:`atomic_open` (temp file in the same
-  directory, ``fsync``, ``os.replace``), so a crash mid-write leaves the previous checkpoint and
-  ``last_checkpoint`` intact. The temp file such a crash leaves behind is removed when the next
-  :class:`Checkpointer` for that directory is created (:func:`remove_stale_temp_files`).
+  :class:`_AtomicPathManager` whose write mode is
+  :func:`~mdkd_det.utils.checkpoint_io.atomic_open` (temp file in the same directory, ``fsync``,
+  ``os.replace``), so a crash mid-write leaves the previous checkpoint and ``last_checkpoint``
+  intact. The temp file such a crash leaves behind is removed when the next :class:`Checkpointer`
+  for that directory is created (:func:`~mdkd_det.utils.checkpoint_io.remove_stale_temp_files`).
 - **RNG state** (:func:`get_rng_state` / :func:`set_rng_state`), saved with every checkpoint and
   restored on a full resume, so a resumed run is bitwise the uninterrupted one.
 - **Safe loading.** ``_load_file`` reads through
@@ -30,13 +31,10 @@ What this module adds to fvcore (``fvcore.common.checkpoint``):
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import random
-import re
-import uuid
-from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -44,7 +42,14 @@ from fvcore.common.checkpoint import Checkpointer as _FvcoreCheckpointer
 from fvcore.common.checkpoint import _strip_prefix_if_present
 from iopath.common.file_io import PathManager
 
-from ..utils.checkpoint_io import load_checkpoint_file, split_model_state
+from ..utils.checkpoint_io import (  # atomic_*, remove_stale_temp_files: re-exported (their old home)
+    atomic_open,
+    atomic_torch_save,
+    atomic_write_text,
+    load_checkpoint_file,
+    remove_stale_temp_files,
+    split_model_state,
+)
 from ..utils.errors import CheckpointError
 from . import comm
 
@@ -73,98 +78,6 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     while isinstance(model, (DistributedDataParallel, DataParallel)):
         model = model.module
     return model
-
-
-def _fsync_dir(d: str) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
-def atomic_open(path: str, binary: bool = True) -> Iterator[IO]:
-    """Open ``path`` for writing so that it appears whole or not at all.
-
-    Writes go to a temp file ``.<name>.<pid>.<hex>.tmp`` in the same directory (created if
-    missing); on a clean exit of the ``with`` block it is flushed, ``fsync``-ed and moved over
-    ``path`` with ``os.replace`` (atomic on POSIX), then the directory is ``fsync``-ed. If the block
-    raises, the temp file is deleted and ``path`` keeps its previous content.
-
-    Yields:
-        the open temp file (``binary``: bytes, else text).
-    """
-    path = os.path.abspath(path)
-    d = os.path.dirname(path)
-    os.makedirs(d, exist_ok=True)
-    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "xb" if binary else "x") as f:  # honours the umask, unlike mkstemp
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    _fsync_dir(d)
-
-
-_TMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
-
-
-def remove_stale_temp_files(directory: str) -> List[str]:
-    """Delete the temp files (``.<name>.<pid>.<hex>.tmp``) that :func:`atomic_open` left in
-    ``directory`` when its process was killed mid-write; files of a running process (this one
-    included) are kept. Returns the removed paths."""
-    removed: List[str] = []
-    if not directory or not os.path.isdir(directory):
-        return removed
-    for e in os.scandir(directory):
-        m = _TMP_RE.match(e.name)
-        if not (m and e.is_file()):
-            continue
-        if _pid_alive(int(m.group(1))):
-            continue
-        try:
-            os.remove(e.path)
-            removed.append(e.path)
-        except OSError:
-            pass
-    if removed:
-        logger.info("Removed %d temp file(s) of an interrupted write in %s", len(removed), directory)
-    return removed
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except (PermissionError, OSError):
-        return True
-    return True
-
-
-def atomic_torch_save(obj: Any, path: str) -> None:
-    """``torch.save(obj)`` to ``path`` atomically (:func:`atomic_open`)."""
-    with atomic_open(path) as f:
-        torch.save(obj, f)
-
-
-def atomic_write_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (:func:`atomic_open`)."""
-    with atomic_open(path, binary=False) as f:
-        f.write(text)
 
 
 class _AtomicPathManager(PathManager):

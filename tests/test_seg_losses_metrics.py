@@ -43,6 +43,36 @@ def test_dice_bce_gradient_and_batch_flattening():
     assert float(dice_loss(logits, y)) == pytest.approx(1 - 5 / 21, abs=1e-6)
 
 
+def _reference_dice_bce(logits, y, smooth):
+    """The hand-written formula the MONAI calls replaced (paper Eq. 1 / Eq. 10, batch-flattened)."""
+    p = torch.sigmoid(logits.float()).reshape(-1)
+    t = y.float().reshape(-1)
+    dice = 1.0 - (2.0 * (p * t).sum() + smooth) / (p.sum() + t.sum() + smooth)
+    return dice, torch.nn.functional.binary_cross_entropy_with_logits(logits.float(), t.view_as(logits))
+
+
+@pytest.mark.parametrize("smooth", [1.0, 0.5, 0.0])
+def test_monai_dice_bce_equals_the_formula(smooth):
+    """MONAI's DiceCELoss(sigmoid=True, batch=True) parts equal Eq. 1 / Eq. 10 written out: BCE
+    bitwise, Dice up to float32 rounding (MONAI sums tp, fp, fn: at most ~1 ulp apart)."""
+    from monai.losses import DiceCELoss
+
+    g = torch.Generator().manual_seed(0)
+    for b, h, w in [(1, 4, 4), (2, 17, 23), (4, 64, 48)]:
+        logits = torch.randn(b, 1, h, w, generator=g) * 3
+        y = (torch.rand(b, 1, h, w, generator=g) < 0.3).float()
+        y[0, 0, 0, 0] = 1.0  # smooth=0 needs a positive pixel
+        ref_dice, ref_bce = _reference_dice_bce(logits, y, smooth)
+        d = seg_task_losses(logits, y, "dice_bce", smooth)
+        torch.testing.assert_close(d["loss_dice"], ref_dice, rtol=0, atol=2e-7)
+        assert torch.equal(d["loss_bce"], ref_bce)
+        total = DiceCELoss(sigmoid=True, batch=True, smooth_nr=smooth, smooth_dr=smooth)(logits, y)
+        assert torch.equal(d["loss_dice"] + d["loss_bce"], total)
+        # integer masks and a bf16 prediction are computed in float32, as before
+        assert torch.equal(dice_loss(logits, y.long(), smooth), d["loss_dice"])
+        assert dice_loss(logits.bfloat16(), y, smooth).dtype == torch.float32
+
+
 def _square(n, y0, x0, side):
     m = np.zeros((n, n), bool)
     m[y0:y0 + side, x0:x0 + side] = True

@@ -1,4 +1,5 @@
-"""The one place where the package reads a checkpoint file (issue 13: no code execution).
+"""The one place where the package reads a checkpoint file (issue 13: no code execution) and
+writes a file atomically (:func:`atomic_open`: checkpoints, ``last_checkpoint``, results).
 
 Every ``.pth`` the package opens (``MODEL.WEIGHTS``, ``--resume``, ``KD.TEACHER_WEIGHTS``,
 ``FUSION.TEACHERS``, ``MODEL.RFDETR.PRETRAIN_WEIGHTS / BACKBONE_INIT``, ``MODEL.HEAD_INIT``, detectron2
@@ -14,23 +15,35 @@ rfdetr's official checkpoints (``{"model", "args": argparse.Namespace, "epoch", 
 opt-in: the few harmless classes they pickle are allow-listed with
 ``torch.serialization.safe_globals`` (:data:`SAFE_GLOBALS`), so their loading runs no code either.
 
-Source: PyTorch ``torch.load`` / ``torch.serialization.safe_globals`` (PyTorch >= 2.4).
+Writes: :func:`atomic_open` (temp file in the same directory, ``fsync``, ``os.replace``) under
+:func:`atomic_torch_save`, :func:`atomic_write_text` and the Checkpointer's fvcore ``save``; a file
+is there whole or not at all. :func:`remove_stale_temp_files` deletes the temp files of a killed
+writer.
+
+Source: PyTorch ``torch.load`` / ``torch.serialization.safe_globals`` (PyTorch >= 2.4);
+``os.replace`` (POSIX ``rename(2)``, atomic within one file system).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import pickle
 import re
 import types
-from typing import Any
+import uuid
+from typing import IO, Any, Iterator, List, Mapping, Tuple
 
 import torch
 
 from .errors import CheckpointError
 
-__all__ = ["load_checkpoint_file", "load_model_state", "SAFE_GLOBALS", "TRUST_HINT"]
+__all__ = ["load_checkpoint_file", "load_model_state", "split_model_state", "SAFE_GLOBALS", "TRUST_HINT",
+           "atomic_open", "atomic_torch_save", "atomic_write_text", "remove_stale_temp_files"]
+
+logger = logging.getLogger(__name__)
 
 #: Classes that rfdetr's official checkpoints pickle besides tensors (``args`` is an
 #: ``argparse.Namespace`` or ``types.SimpleNamespace`` of plain values; the same list as rfdetr's
@@ -89,21 +102,134 @@ def _reason(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[:200]}" if text else f"{type(e).__name__}, e.g. an empty or truncated file"
 
 
-def load_model_state(path: str, trust: bool = False, what: str = "checkpoint") -> dict:
-    """The model state dict of a checkpoint file (read by :func:`load_checkpoint_file`).
+def split_model_state(ckpt: Any, path: str, what: str = "checkpoint") -> Tuple[dict, bool]:
+    """The model state dict inside a loaded checkpoint object.
 
-    Accepts our Checkpointer's ``{"model": state_dict, ...}``, Lightning-style
-    ``{"state_dict": ...}`` and a bare state dict (name -> tensor).
+    Accepts our Checkpointer's ``{"model": state_dict, ...}`` (detectron2/fvcore layout),
+    Lightning-style ``{"state_dict": ...}`` and a bare state dict (name -> tensor).
+
+    Args:
+        ckpt: what :func:`load_checkpoint_file` returned.
+        path, what: named in the error.
+
+    Returns:
+        ``(state_dict, has_model_key)``; ``has_model_key`` is True for the ``{"model": ...}``
+        layout, whose other top-level entries (optimizer, RNG, ``iteration``...) a resume reads.
+
+    Raises:
+        CheckpointError: none of the three layouts (the message names the top-level keys).
+    """
+    if isinstance(ckpt, Mapping):
+        for key in ("model", "state_dict"):
+            if isinstance(ckpt.get(key), Mapping):
+                return ckpt[key], key == "model"
+        if ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+            return ckpt, False
+        top = f"top-level keys {list(ckpt)[:10]}"
+    else:
+        top = f"top-level object {type(ckpt).__name__}"
+    raise CheckpointError(f"{path}: not a model checkpoint ({what}): expected a state dict or a dict with a "
+                          f"'model' or 'state_dict' state dict, got {top}")
+
+
+def load_model_state(path: str, trust: bool = False, what: str = "checkpoint") -> dict:
+    """The model state dict of a checkpoint file (:func:`load_checkpoint_file`, then
+    :func:`split_model_state`).
 
     Raises:
         CheckpointError: missing, unreadable or refused file, or no state dict inside.
     """
-    ckpt = load_checkpoint_file(path, trust=trust, what=what)
-    for key in ("model", "state_dict"):
-        if isinstance(ckpt, dict) and isinstance(ckpt.get(key), dict):
-            return ckpt[key]
-    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
-        return ckpt
-    keys = list(ckpt)[:10] if isinstance(ckpt, dict) else type(ckpt).__name__
-    raise CheckpointError(f"{path} ({what}) holds neither {{'model': state_dict}} nor a state dict "
-                          f"(top level: {keys})")
+    return split_model_state(load_checkpoint_file(path, trust=trust, what=what), path, what)[0]
+
+
+# ---- atomic writes ------------------------------------------------------------------------
+def _fsync_dir(d: str) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, binary: bool = True) -> Iterator[IO]:
+    """Open ``path`` for writing so that it appears whole or not at all.
+
+    Writes go to a temp file ``.<name>.<pid>.<hex>.tmp`` in the same directory (created if
+    missing); on a clean exit of the ``with`` block it is flushed, ``fsync``-ed and moved over
+    ``path`` with ``os.replace`` (atomic on POSIX), then the directory is ``fsync``-ed. If the block
+    raises, the temp file is deleted and ``path`` keeps its previous content.
+
+    Yields:
+        the open temp file (``binary``: bytes, else text).
+    """
+    path = os.path.abspath(path)
+    d = os.path.dirname(path)
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "xb" if binary else "x") as f:  # honours the umask, unlike mkstemp
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    _fsync_dir(d)
+
+
+_TMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
+
+
+def remove_stale_temp_files(directory: str) -> List[str]:
+    """Delete the temp files (``.<name>.<pid>.<hex>.tmp``) that :func:`atomic_open` left in
+    ``directory`` when its process was killed mid-write; files of a running process (this one
+    included) are kept. Returns the removed paths."""
+    removed: List[str] = []
+    if not directory or not os.path.isdir(directory):
+        return removed
+    for e in os.scandir(directory):
+        m = _TMP_RE.match(e.name)
+        if not (m and e.is_file()):
+            continue
+        if _pid_alive(int(m.group(1))):
+            continue
+        try:
+            os.remove(e.path)
+            removed.append(e.path)
+        except OSError:
+            pass
+    if removed:
+        logger.info("Removed %d temp file(s) of an interrupted write in %s", len(removed), directory)
+    return removed
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def atomic_torch_save(obj: Any, path: str) -> None:
+    """``torch.save(obj)`` to ``path`` atomically (:func:`atomic_open`)."""
+    with atomic_open(path) as f:
+        torch.save(obj, f)
+
+
+def atomic_write_text(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` atomically (:func:`atomic_open`)."""
+    with atomic_open(path, binary=False) as f:
+        f.write(text)

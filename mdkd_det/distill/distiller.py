@@ -22,7 +22,8 @@ from torch import nn
 
 from ..modeling.frozen_teacher import TeacherRuntime, freeze_teacher  # noqa: F401 (re-exported: old import path)
 from .adapters import KDInputs
-from .connectors import LatentAlignmentHead, embedding_connector, feature_connector, match_levels_by_stride
+from ..modeling.shape_spec import match_levels_by_stride
+from .connectors import LatentAlignmentHead, embedding_connector, feature_connector
 from .kd_terms import DEFAULT_TERMS, KDContext, get_term, resolve_terms
 from .views import photometric_views
 

@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import os
+import warnings
 from collections import OrderedDict
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 
@@ -35,6 +35,7 @@ from ...utils.errors import CheckpointError, ConfigError
 from ..backbone.base import Backbone
 from ..frozen_teacher import TeacherRuntime, freeze_teacher, has_foldable_batchnorm
 from ..registry import BACKBONE_REGISTRY
+from ..shape_spec import match_levels_by_stride
 from .ops import build_fusion_op
 
 logger = logging.getLogger(__name__)
@@ -151,7 +152,7 @@ class FusionBackbone(Backbone):
                              f"{len(teachers)} teachers")
         shapes = [t.output_shape() for t in teachers]
         ref = shapes[0]
-        self.level_maps = [match_levels_nearest_stride(ref, s) if level_match == "stride"
+        self.level_maps = [match_levels_by_stride(ref, s, nearest=True) if level_match == "stride"
                            else {k: k for k in ref} for s in shapes]
         for i, s in enumerate(shapes[1:] if level_match == "keys" else [], start=1):
             if list(s) != list(ref):
@@ -250,17 +251,11 @@ def _drop_prepared(module: FusionBackbone, _incompatible_keys) -> None:
 
 
 def match_levels_nearest_stride(ref: Mapping, other: Mapping) -> Dict[str, str]:
-    """``{ref level: other level}`` pairing each level of ``ref`` with the level of ``other``
-    whose stride is nearest in log2 (ties -> the finer one).
-
-    Args:
-        ref, other: ``{name: ShapeSpec}`` (``output_shape()``), strides in px.
-    """
-    out = {}
-    for name, spec in ref.items():
-        out[name] = min(other, key=lambda k: (abs(math.log2(other[k].stride) - math.log2(spec.stride)),
-                                              other[k].stride))
-    return out
+    """Deprecated alias (one release) of
+    :func:`~mdkd_det.modeling.shape_spec.match_levels_by_stride` ``(ref, other, nearest=True)``."""
+    warnings.warn("match_levels_nearest_stride is deprecated; use mdkd_det.modeling.shape_spec."
+                  "match_levels_by_stride(ref, other, nearest=True)", DeprecationWarning, stacklevel=2)
+    return match_levels_by_stride(ref, other, nearest=True)
 
 
 def _fmt(keys: Sequence[str], n: int = 10) -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
 import warnings
 from collections import OrderedDict
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence

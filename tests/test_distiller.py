@@ -211,3 +211,28 @@ def test_kd_trainer_exports_plain_student_that_evaluates(tmp_path, data_root):
     ecfg = tiny_cfg(tmp_path / "eval")
     res = do_test(ecfg, plain)
     assert "AP" in res["lungct_disjoint_test"]["bbox"]
+
+
+def test_build_teacher_is_shared_with_other_builders_and_loaders(tmp_path):
+    """detectron2's teacher comes from the same builder (issue 14): its own config/merge, model
+    builder and loader are passed in; the PIXEL_MEAN check and the freezing are shared."""
+    from mdkd_det.config import get_cfg
+    from mdkd_det.distill.trainer import load_teacher_cfg
+    from mdkd_det.modeling.frozen_teacher import is_frozen
+    from mdkd_det.utils.errors import ConfigError
+
+    cfg = tiny_cfg(tmp_path / "s")
+    tcfg_file = tmp_path / "teacher.yaml"
+    tcfg_file.write_text(tiny_cfg(tmp_path / "t").dump())
+    cfg.KD.TEACHER_CONFIG, cfg.KD.TEACHER_WEIGHTS = str(tcfg_file), str(tmp_path / "t.pth")
+    merged, loaded = [], []
+    tcfg = load_teacher_cfg(cfg, base=get_cfg(), merge=lambda c, p: (merged.append(p), c.merge_from_file(p)))
+    assert merged == [str(tcfg_file)] and tcfg.MODEL.WEIGHTS == str(tmp_path / "t.pth")
+    teacher = build_teacher(cfg, tcfg, build=lambda c: nn.Sequential(nn.Conv2d(3, 2, 1), nn.BatchNorm2d(2)),
+                            load=lambda m, c, trust: loaded.append((c.MODEL.WEIGHTS, trust)))
+    assert loaded == [(str(tmp_path / "t.pth"), False)] and is_frozen(teacher)
+    teacher.train()
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    cfg.MODEL.PIXEL_MEAN = [0.0, 0.0, 0.0]
+    with pytest.raises(ConfigError, match="PIXEL_MEAN"):
+        load_teacher_cfg(cfg, base=get_cfg(), merge=lambda c, p: c.merge_from_file(p))

@@ -176,3 +176,22 @@ def test_kd_teacher_inputs_unchanged_by_runtime(tmp_path):
     s_in = d_on.adapter.student_inputs(rec)
     sum(d_on(s_in, b, epoch=100.0).values()).backward()
     assert any(p.grad is not None for p in student.backbone.parameters())
+
+
+def test_freeze_teacher_is_the_one_freezing_mechanism():
+    """``freeze_teacher`` (issue 14): no grads, eval, and neither a direct ``train()`` nor a
+    parent's flips it back; the class name, state_dict and a deepcopy are unaffected."""
+    from mdkd_det.modeling.frozen_teacher import KeepsTeachersFrozen, is_frozen
+
+    t = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Dropout(0.5))
+    keys = list(t.state_dict())
+    assert freeze_teacher(t) is t and is_frozen(t) and isinstance(t, KeepsTeachersFrozen)
+    assert type(t).__name__ == "Sequential" and isinstance(t, nn.Sequential)
+    assert not any(p.requires_grad for p in t.parameters())
+    t.train()
+    assert not any(m.training for m in t.modules())
+    parent = nn.Sequential(t, nn.BatchNorm2d(4)).train()
+    assert parent.training and parent[1].training and not any(m.training for m in t.modules())
+    c = copy.deepcopy(t).train()
+    assert is_frozen(c) and not any(m.training for m in c.modules())
+    assert list(t.state_dict()) == keys and type(freeze_teacher(t)) is type(t)  # idempotent

@@ -86,6 +86,21 @@ def test_optimizer_types_and_hyperparameters():
     assert isinstance(opt, torch.optim.AdamW)
 
 
+def test_detectron2_param_groups_and_nesterov():
+    """detectron2's trainer builds its optimizer here (issue 14): its per-group LR / weight
+    decay (``get_default_optimizer_params``) are kept; ``SOLVER.NESTEROV`` when present."""
+    model = ToyModel()
+    groups = [{"params": [model.reg.weight], "lr": 0.1, "weight_decay": 0.0},
+              {"params": [model.reg.bias], "lr": 0.2, "weight_decay": 1e-4}]
+    cfg = solver_cfg(**{"SOLVER.OPTIMIZER": "SGD", "SOLVER.MOMENTUM": 0.9})
+    opt = build_optimizer(cfg, groups)
+    assert [(g["lr"], g["weight_decay"], g["nesterov"]) for g in opt.param_groups] == \
+        [(0.1, 0.0, False), (0.2, 1e-4, False)]
+    cfg.SOLVER.set_new_allowed(True)
+    cfg.SOLVER.NESTEROV = True  # a detectron2 key
+    assert build_optimizer(cfg, groups).param_groups[0]["nesterov"] is True
+
+
 def test_only_trainable_params_and_subsets():
     model = ToyModel()
     model.fc1.requires_grad_(False)

@@ -261,10 +261,10 @@ def _kd_parts(cfg, cfg_off, batch, n_teachers):
     then the ``*_off`` entries are None) with ``cfg_off``'s."""
     import torch
 
-    from mdkd_det.distill.distiller import freeze_teacher
     from mdkd_det.distill.taps import TapRecorder
     from mdkd_det.distill.trainer import build_distiller
     from mdkd_det.engine.defaults import build_model
+    from mdkd_det.modeling.frozen_teacher import freeze_teacher
 
     _, teacher = _joint_teacher(cfg, n_teachers)
     freeze_teacher(teacher)

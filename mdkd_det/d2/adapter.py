@@ -24,13 +24,10 @@ compares student and teacher logits of the same head type, so either is fine.
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
-from torch import nn
 
 from ..distill.adapters import KD_ADAPTER_REGISTRY, TwoStageAdapter
-from ..distill.taps import MethodTap, Tap, register_detector_taps
+from ..distill.taps import MethodTap, Tap, register_detector_taps, teacher_roi_outputs
 
 register_detector_taps("detectron2_generalized_rcnn", {
     "images": MethodTap("preprocess_image"),
@@ -41,29 +38,9 @@ register_detector_taps("detectron2_generalized_rcnn", {
 })
 
 
-def d2_teacher_roi_outputs(teacher: nn.Module, teacher_feats, proposals
-                           ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """A detectron2 teacher's box head on the STUDENT's sampled proposals (ClsKD / ROIKD, A10).
-
-    ``box_pooler([feats[f] for f in box_in_features], boxes) -> box_head -> box_predictor``
-    under ``torch.no_grad()`` (as ``StandardROIHeads._forward_box``), so row m of the outputs
-    is row m of the student's ``box_features`` / scores.
-
-    Args:
-        teacher: detectron2 ``GeneralizedRCNN`` with ``StandardROIHeads``.
-        teacher_feats: ``{p-name: Tensor[B, C, H/s, W/s]}`` on the student's batch.
-        proposals: the student's sampled ``list[Instances]`` (``proposal_boxes``).
-
-    Returns:
-        ``(embeddings Tensor[sum M_i, D], scores Tensor[sum M_i, K+1])`` without history.
-    """
-    heads = teacher.roi_heads
-    with torch.no_grad():
-        boxes = [p.proposal_boxes for p in proposals]
-        pooled = heads.box_pooler([teacher_feats[f] for f in heads.box_in_features], boxes)
-        embeddings = heads.box_head(pooled)
-        scores, _ = heads.box_predictor(embeddings)
-    return embeddings, scores
+#: deprecated alias (one release): the one teacher RoI-head forward is
+#: :func:`mdkd_det.distill.taps.teacher_roi_outputs`, which pools detectron2 heads too.
+d2_teacher_roi_outputs = teacher_roi_outputs
 
 
 @KD_ADAPTER_REGISTRY.register("detectron2_generalized_rcnn")
@@ -77,6 +54,6 @@ class D2GeneralizedRCNNAdapter(TwoStageAdapter):
         """``ImageList.tensor`` returned by the student's ``preprocess_image``."""
         return rec["images"].tensor
 
-    def teacher_regions(self, teacher: nn.Module, feats, rec):
-        """:func:`d2_teacher_roi_outputs` on the student's sampled proposals."""
-        return d2_teacher_roi_outputs(teacher, feats, rec["sampled"])
+    def sampled_regions(self, rec):
+        """The student's sampled ``list[Instances]`` (``proposal_boxes``) and image sizes."""
+        return rec["sampled"], rec["images"].image_sizes

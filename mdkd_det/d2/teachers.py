@@ -16,7 +16,6 @@ contract with maps named by stride as detectron2's FPN names them (``p2`` = stri
 
 from __future__ import annotations
 
-import math
 from collections import OrderedDict
 from typing import Sequence, Tuple
 
@@ -27,21 +26,10 @@ from ..config import get_cfg as get_mdkd_cfg
 from ..modeling.backbone.base import Backbone
 from ..modeling.backbone.build import build_backbone as build_mdkd_backbone
 from ..modeling.fusion.fusion_backbone import load_teacher_backbone
+from ..modeling.shape_spec import level_name  # noqa: F401 (also the old public name here)
 from ..utils.errors import ConfigError
 
 TEACHER_FORMATS = ("mdkd", "d2")
-
-
-def level_name(stride: int) -> str:
-    """detectron2's FPN name of a map with ``stride`` px: ``p{log2(stride)}`` (4 -> ``p2``).
-
-    Raises:
-        ValueError: stride is not a power of two.
-    """
-    level = math.log2(int(stride))
-    if int(stride) < 1 or level != int(level):
-        raise ValueError(f"feature stride {stride} px is not a power of two")
-    return f"p{int(level)}"
 
 
 class PyramidBackbone(Backbone):

@@ -24,12 +24,12 @@ from detectron2.data import (build_detection_test_loader, build_detection_train_
 from detectron2.engine import AMPTrainer, DefaultTrainer
 from detectron2.evaluation import COCOEvaluator
 from detectron2.modeling import build_model
-from detectron2.solver import build_optimizer as d2_build_optimizer
 from detectron2.solver.build import get_default_optimizer_params, maybe_add_gradient_clipping
 from torch import nn
 
-from ..distill.distiller import Distiller, freeze_teacher
-from ..distill.trainer import distiller_options
+from ..distill.distiller import Distiller
+from ..distill.trainer import build_teacher, distiller_options, load_teacher_cfg
+from ..solver import build_optimizer as build_mdkd_optimizer
 from ..utils.checkpoint_io import load_model_state
 from ..utils.errors import ConfigError
 from .adapter import D2GeneralizedRCNNAdapter
@@ -40,37 +40,37 @@ from .train_loop import D2KDAMPTrainer, D2KDSimpleTrainer
 logger = logging.getLogger(__name__)
 
 
-def build_d2_teacher(cfg) -> nn.Module:
-    """The frozen joint teacher: ``build_model`` of ``KD.TEACHER_CONFIG`` loaded from
-    ``KD.TEACHER_WEIGHTS`` (eval, no grad, ``train()`` a no-op).
+def _load_d2_teacher_weights(teacher: nn.Module, tcfg, trust: bool) -> None:
+    """Load ``tcfg.MODEL.WEIGHTS`` (``{"model": state_dict}``, what ``DetectionCheckpointer``
+    writes) into a detectron2 teacher, strictly.
 
     Raises:
-        ConfigError: missing ``KD.TEACHER_CONFIG``/``KD.TEACHER_WEIGHTS``; the teacher
-            normalises pixels differently from the student (it reads the student's batch).
+        ConfigError: the file is missing, or its keys do not match the teacher.
         CheckpointError: unreadable checkpoint (names the file).
     """
-    kd = cfg.KD
-    if not kd.TEACHER_CONFIG or not kd.TEACHER_WEIGHTS:
-        raise ConfigError("KD.ENABLED needs KD.TEACHER_CONFIG and KD.TEACHER_WEIGHTS")
-    if not os.path.isfile(kd.TEACHER_WEIGHTS):
-        raise ConfigError(f"KD.TEACHER_WEIGHTS '{kd.TEACHER_WEIGHTS}' does not exist")
-    tcfg = add_mdkd_config(get_cfg())
-    merge_d2_file(tcfg, kd.TEACHER_CONFIG)
-    tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
-    tcfg.MODEL.WEIGHTS = kd.TEACHER_WEIGHTS
-    if list(tcfg.MODEL.PIXEL_MEAN) != list(cfg.MODEL.PIXEL_MEAN) or \
-            list(tcfg.MODEL.PIXEL_STD) != list(cfg.MODEL.PIXEL_STD):
-        raise ConfigError(f"{kd.TEACHER_CONFIG}: MODEL.PIXEL_MEAN/STD differ from the student's; "
-                          "the teacher reads the student's normalised batch")
-    teacher = build_model(tcfg)
-    result = teacher.load_state_dict(
-        load_model_state(kd.TEACHER_WEIGHTS, bool(cfg.MODEL.TRUST_CHECKPOINTS), "KD.TEACHER_WEIGHTS"),
-        strict=False)
+    path = tcfg.MODEL.WEIGHTS
+    if not os.path.isfile(path):
+        raise ConfigError(f"KD.TEACHER_WEIGHTS '{path}' does not exist")
+    result = teacher.load_state_dict(load_model_state(path, trust, "KD.TEACHER_WEIGHTS"), strict=False)
     if result.missing_keys or result.unexpected_keys:
-        raise ConfigError(f"KD.TEACHER_WEIGHTS '{kd.TEACHER_WEIGHTS}' does not match "
-                          f"{kd.TEACHER_CONFIG}: missing {result.missing_keys[:10]}, "
-                          f"unexpected {result.unexpected_keys[:10]}")
-    return freeze_teacher(teacher)
+        raise ConfigError(f"KD.TEACHER_WEIGHTS '{path}' does not match its config: "
+                          f"missing {result.missing_keys[:10]}, unexpected {result.unexpected_keys[:10]}")
+
+
+def build_d2_teacher(cfg) -> nn.Module:
+    """The frozen joint teacher: :func:`~mdkd_det.distill.trainer.build_teacher` (the one
+    teacher builder and PIXEL_MEAN check) with detectron2's config (``KD.TEACHER_CONFIG`` merged
+    into ``get_cfg()`` + :func:`add_mdkd_config`), ``build_model`` and a strict load of
+    ``KD.TEACHER_WEIGHTS``.
+
+    Raises:
+        ConfigError: missing ``KD.TEACHER_CONFIG``/``KD.TEACHER_WEIGHTS`` or weights file; the
+            teacher normalises pixels differently from the student (it reads the student's
+            batch); the weights do not match the teacher.
+        CheckpointError: unreadable checkpoint (names the file).
+    """
+    tcfg = load_teacher_cfg(cfg, base=add_mdkd_config(get_cfg()), merge=merge_d2_file)
+    return build_teacher(cfg, tcfg, build=build_model, load=_load_d2_teacher_weights)
 
 
 def build_d2_distiller(cfg, student: nn.Module, teacher: nn.Module) -> Distiller:
@@ -96,23 +96,19 @@ def build_d2_distiller(cfg, student: nn.Module, teacher: nn.Module) -> Distiller
 
 
 def build_d2_optimizer(cfg, model: nn.Module) -> torch.optim.Optimizer:
-    """detectron2's optimizer, plus AdamW (``SOLVER.OPTIMIZER``, added by
-    :func:`add_mdkd_config`; the paper's optimizer, A18): same parameter groups
-    (``get_default_optimizer_params``) and gradient clipping (``SOLVER.CLIP_GRADIENTS``).
+    """:func:`mdkd_det.solver.build_optimizer` (``SOLVER.OPTIMIZER``: SGD with
+    ``SOLVER.MOMENTUM``/``NESTEROV`` as detectron2's, or AdamW, the paper's optimizer, A18) over
+    detectron2's parameter groups (``get_default_optimizer_params``: ``SOLVER.WEIGHT_DECAY_NORM``,
+    ``BIAS_LR_FACTOR``, ``WEIGHT_DECAY_BIAS``), with detectron2's gradient clipping
+    (``SOLVER.CLIP_GRADIENTS``).
 
     Raises:
         ConfigError: unknown ``SOLVER.OPTIMIZER``.
     """
-    name = cfg.SOLVER.OPTIMIZER
-    if name == "SGD":
-        return d2_build_optimizer(cfg, model)
-    if name != "AdamW":
-        raise ConfigError(f"SOLVER.OPTIMIZER must be 'SGD' or 'AdamW', got '{name}'")
     params = get_default_optimizer_params(
         model, base_lr=cfg.SOLVER.BASE_LR, weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
         bias_lr_factor=cfg.SOLVER.BIAS_LR_FACTOR, weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS)
-    return maybe_add_gradient_clipping(cfg, torch.optim.AdamW)(
-        params, lr=cfg.SOLVER.BASE_LR, weight_decay=cfg.SOLVER.WEIGHT_DECAY)
+    return maybe_add_gradient_clipping(cfg, build_mdkd_optimizer(cfg, params))
 
 
 class MDKDTrainer(DefaultTrainer):

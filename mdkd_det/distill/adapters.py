@@ -85,7 +85,7 @@ class TwoStageAdapter:
     ROIKD correspondence, A10).
 
     Subclasses set ``taps_preset`` and implement :meth:`batch_tensor` and
-    :meth:`teacher_regions`.
+    :meth:`sampled_regions`; the teacher's RoI head runs through :func:`teacher_roi_outputs`.
     """
 
     cls_kind = "softmax"
@@ -121,10 +121,16 @@ class TwoStageAdapter:
         """The student's normalised, padded batch ``Tensor[B, C, H, W]``."""
         raise NotImplementedError
 
-    def teacher_regions(self, teacher: nn.Module, feats, rec):  # pragma: no cover - abstract
-        """``(embeddings [sum M_i, D_t], class_logits [sum M_i, K+1])`` of the teacher's RoI
-        head on the student's sampled proposals, without autograd history."""
+    def sampled_regions(self, rec):  # pragma: no cover - abstract
+        """``(proposals, image_sizes)`` of the student's sampled RoIs, in the form
+        :func:`teacher_roi_outputs` takes for this family."""
         raise NotImplementedError
+
+    def teacher_regions(self, teacher: nn.Module, feats, rec):
+        """``(embeddings [sum M_i, D_t], class_logits [sum M_i, K+1])`` of the teacher's RoI
+        head on the student's sampled proposals, without autograd history
+        (:func:`teacher_roi_outputs`)."""
+        return teacher_roi_outputs(teacher, feats, *self.sampled_regions(rec))
 
 
 @KD_ADAPTER_REGISTRY.register("torchvision_faster_rcnn")
@@ -143,9 +149,10 @@ class TorchvisionFasterRCNNAdapter(TwoStageAdapter):
         """``ImageList.tensors`` of the transform's output."""
         return rec["images"][0].tensors
 
-    def teacher_regions(self, teacher: nn.Module, feats, rec):
-        """:func:`teacher_roi_outputs` on ``rec["sampled"][0]`` (proposal boxes)."""
-        return teacher_roi_outputs(teacher, feats, rec["sampled"][0], rec["images"][0].image_sizes)
+    def sampled_regions(self, rec):
+        """``rec["sampled"][0]`` (proposal boxes ``list[Tensor[M_i, 4]]``) and the transform's
+        ``image_sizes``."""
+        return rec["sampled"][0], rec["images"][0].image_sizes
 
     def student_forward_unlabeled(self, student: nn.Module, images: List[torch.Tensor]) -> TapRecorder:
         """Student forward on unlabelled images, without targets (paper 003 Eq. 3, detection

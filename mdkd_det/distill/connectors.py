@@ -8,9 +8,10 @@ to the student's optimizer and are dropped at export.
 
 from __future__ import annotations
 
-from typing import Dict, Mapping
-
 from torch import nn
+
+# re-exported (old import path): THE stride matching lives with ShapeSpec (issue 14)
+from ..modeling.shape_spec import match_levels_by_stride  # noqa: F401
 
 
 def feature_connector(student_channels: int, teacher_channels: int) -> nn.Module:
@@ -25,36 +26,6 @@ def embedding_connector(student_dim: int, teacher_dim: int) -> nn.Module:
     if student_dim == teacher_dim:
         return nn.Identity()
     return nn.Linear(student_dim, teacher_dim)
-
-
-def match_levels_by_stride(student_shapes: Mapping, teacher_shapes: Mapping) -> Dict[str, str]:
-    """Pair student and teacher feature levels with the same stride (decision A25).
-
-    Args:
-        student_shapes, teacher_shapes: ``{name: ShapeSpec}`` from ``output_shape()``.
-
-    Returns:
-        ``{student_level: teacher_level}`` for every stride present in both (the first level of
-        a stride wins when a backbone repeats a stride).
-
-    Raises:
-        ValueError: no common stride.
-    """
-    by_stride = {}
-    for name, spec in teacher_shapes.items():
-        by_stride.setdefault(spec.stride, name)
-    pairs, used = {}, set()
-    for name, spec in student_shapes.items():
-        t = by_stride.get(spec.stride)
-        if t is not None and t not in used:
-            pairs[name] = t
-            used.add(t)
-    if not pairs:
-        raise ValueError(
-            f"student levels {dict((k, v.stride) for k, v in student_shapes.items())} and teacher "
-            f"levels {dict((k, v.stride) for k, v in teacher_shapes.items())} share no stride"
-        )
-    return pairs
 
 
 class LatentAlignmentHead(nn.Module):

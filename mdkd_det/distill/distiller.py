@@ -20,9 +20,10 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from ..modeling.frozen_teacher import TeacherRuntime
+from ..modeling.frozen_teacher import TeacherRuntime, freeze_teacher  # noqa: F401 (re-exported: old import path)
 from .adapters import KDInputs
-from .connectors import LatentAlignmentHead, embedding_connector, feature_connector, match_levels_by_stride
+from ..modeling.shape_spec import match_levels_by_stride
+from .connectors import LatentAlignmentHead, embedding_connector, feature_connector
 from .kd_terms import DEFAULT_TERMS, KDContext, get_term, resolve_terms
 from .views import photometric_views
 
@@ -204,12 +205,3 @@ class Distiller(nn.Module):
                 out[term.key] = (cf * w[name]) * term.loss(ctx)
         return out
 
-
-def freeze_teacher(teacher: nn.Module) -> nn.Module:
-    """Freeze a teacher for inference-only use: no grads, eval mode (BatchNorm statistics
-    fixed), and ``train()`` made a no-op so a parent's ``train()`` cannot flip it back."""
-    teacher.eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    teacher.train = lambda mode=True: teacher  # type: ignore[assignment]
-    return teacher

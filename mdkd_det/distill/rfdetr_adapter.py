@@ -101,7 +101,9 @@ class RFDETRAdapter:
         return rec
 
     def teacher_inputs(self, teacher: nn.Module, rec: TapRecorder) -> KDInputs:
-        """Teacher forward (eval, ``no_grad``) on the student's transformed batch; its query rows
+        """Teacher forward (``no_grad``; the teacher is frozen by
+        :func:`~mdkd_det.modeling.frozen_teacher.freeze_teacher`, so in eval mode: one query
+        group) on the student's transformed batch; its query rows
         reordered to pair with :meth:`student_inputs` (Hungarian, A10).
 
         Raises:
@@ -112,10 +114,7 @@ class RFDETRAdapter:
         tensors = rec["images"][0].tensors
         with torch.no_grad(), TapRecorder(teacher, {"features": "backbone",
                                                     "hs": Tap("detr.transformer", what=_last_hidden)}) as trec:
-            was = teacher.detr.training
-            teacher.detr.eval()
-            t_out = teacher.detr(tensors)
-            teacher.detr.train(was)
+            t_out = teacher.detr(tensors)  # eval mode: the teacher is frozen (freeze_teacher)
         t_logits, t_boxes, t_hs = self._group0(teacher, t_out, trec["hs"])
         s_logits, s_boxes, _ = self._group0(student, rec["outputs"], rec["hs"])
         try:

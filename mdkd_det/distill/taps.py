@@ -270,38 +270,49 @@ def register_detector_taps(kind: str, taps: Optional[Mapping[str, TapSpec]] = No
 
 
 def teacher_roi_outputs(teacher_model: nn.Module, teacher_feats: Mapping[str, torch.Tensor],
-                        proposals: List[torch.Tensor], image_sizes: List[Tuple[int, int]]
+                        proposals: List[Any], image_sizes: Optional[List[Tuple[int, int]]] = None
                         ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Run a teacher's RoI head on the STUDENT's sampled proposals (paper_notes A10, ClsKD/ROIKD).
+    """Run a teacher's RoI head on the STUDENT's sampled proposals (paper_notes A10, ClsKD/ROIKD):
+    THE one teacher RoI-head forward of the two-stage families (torchvision and detectron2).
 
-    ``box_roi_pool(teacher_feats, proposals, image_sizes) -> box_head -> box_predictor``
-    (its ``cls_score`` only, when it has one: the box deltas feed no KD term) under
-    ``torch.no_grad()`` (engineering_notes §5), so region i of the teacher outputs is
-    region i of the student's ``box_features`` / ``class_logits`` (M_i per image, same order).
+    pool -> ``box_head`` -> ``box_predictor`` (its ``cls_score`` only, when it has one: the box
+    deltas feed no KD term) under ``torch.no_grad()`` (engineering_notes §5), so region i of the
+    teacher outputs is region i of the student's ``box_features`` / ``class_logits`` (M_i per
+    image, same order). The pooling is the head's own:
+
+    - torchvision ``RoIHeads``: ``box_roi_pool(teacher_feats, boxes, image_sizes)``;
+    - detectron2 ``StandardROIHeads`` (has ``box_pooler``): ``box_pooler([teacher_feats[f] for f
+      in box_in_features], boxes)``, as ``StandardROIHeads._forward_box``.
 
     Args:
-        teacher_model: torchvision ``FasterRCNN`` (or its ``roi_heads``), eval or train mode
-            (TwoMLPHead / FastRCNNPredictor have no mode-dependent layers).
+        teacher_model: torchvision ``FasterRCNN`` / detectron2 ``GeneralizedRCNN`` (or their
+            ``roi_heads``), eval or train mode (TwoMLPHead / FastRCNNPredictor /
+            FastRCNNConvFCHead / FastRCNNOutputLayers have no mode-dependent layers).
         teacher_feats: teacher backbone maps on the student's transformed batch,
             ``{name: Tensor[B, C, H/s, W/s]}``.
-        proposals: student's sampled boxes, ``list[Tensor[M_i, 4]]`` xyxy px of the resized
-            image (``rec["sampled"][0]``).
-        image_sizes: ``ImageList.image_sizes``, ``[(h, w)]`` px.
+        proposals: student's sampled boxes per image: torchvision ``list[Tensor[M_i, 4]]`` xyxy
+            px of the resized image (``rec["sampled"][0]``); detectron2 ``list[Instances]``
+            with ``proposal_boxes`` (or ``list[Boxes]``).
+        image_sizes: ``ImageList.image_sizes``, ``[(h, w)]`` px (torchvision pooling only).
 
     Returns:
         ``(embeddings Tensor[sum M_i, representation_size], class_logits Tensor[sum M_i, K+1])``
-        without autograd history.
+        without autograd history (background logit first in torchvision, last in detectron2).
 
     Raises:
-        AttributeError: the model has no ``roi_heads`` with box_roi_pool/box_head/box_predictor.
+        AttributeError: the model has no ``roi_heads`` with a pooler, box_head and
+            box_predictor.
     """
     roi_heads = getattr(teacher_model, "roi_heads", teacher_model)
     with torch.no_grad():
-        boxes = [p.detach() for p in proposals]
-        pooled = roi_heads.box_roi_pool(teacher_feats, boxes, image_sizes)
+        if hasattr(roi_heads, "box_pooler"):  # detectron2 StandardROIHeads
+            boxes = [getattr(p, "proposal_boxes", p) for p in proposals]
+            pooled = roi_heads.box_pooler([teacher_feats[f] for f in roi_heads.box_in_features], boxes)
+        else:  # torchvision RoIHeads
+            pooled = roi_heads.box_roi_pool(teacher_feats, [p.detach() for p in proposals], image_sizes)
         embeddings = roi_heads.box_head(pooled)
         predictor = roi_heads.box_predictor
-        # no KD term reads the teacher's box deltas: FastRCNNPredictor's bbox_pred is skipped
+        # no KD term reads the teacher's box deltas: the predictor's bbox_pred is skipped
         cls_score = getattr(predictor, "cls_score", None)
         if isinstance(cls_score, nn.Module) and embeddings.dim() == 2:
             class_logits = cls_score(embeddings)

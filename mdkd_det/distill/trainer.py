@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import math
 import os
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -25,12 +25,12 @@ from ..engine.checkpointer import Checkpointer, export_model
 from ..engine import comm
 from ..engine.defaults import DefaultTrainer, build_model, seed_all_rng
 from ..engine.trainer import SimpleTrainer
-from ..modeling.frozen_teacher import TeacherRuntime
+from ..modeling.frozen_teacher import TeacherRuntime, freeze_teacher
 from ..solver import build_optimizer
 from ..utils.errors import ConfigError
 from . import cls_adapter  # noqa: F401  (registers the "image_classifier" adapter)
 from .adapters import build_kd_adapter
-from .distiller import Distiller, freeze_teacher
+from .distiller import Distiller
 from .kd_terms import term_weights
 from .mixin import KDTrainerMixin
 from .schedules import build_schedule
@@ -47,39 +47,75 @@ class KDSimpleTrainer(KDTrainerMixin, SimpleTrainer):
     """``SimpleTrainer`` with the KD mixin."""
 
 
-def load_teacher_cfg(cfg: CfgNode) -> CfgNode:
-    """The teacher's config: defaults <- ``KD.TEACHER_CONFIG``; weights = ``KD.TEACHER_WEIGHTS``.
+def load_teacher_cfg(cfg: CfgNode, base: Optional[CfgNode] = None,
+                     merge: Optional[Callable[[CfgNode, str], object]] = None) -> CfgNode:
+    """The teacher's config: ``base`` <- ``KD.TEACHER_CONFIG``; weights = ``KD.TEACHER_WEIGHTS``,
+    device and ``FROZEN_TEACHER`` (when ``cfg`` has it) = the student's. THE one place the KD
+    teacher's config is made and its pixel normalisation checked (this trainer and the
+    detectron2 one, :func:`mdkd_det.d2.trainer.build_d2_teacher`).
+
+    Args:
+        cfg: the student's config with ``KD.TEACHER_CONFIG`` / ``KD.TEACHER_WEIGHTS``.
+        base: the empty teacher config to merge into (default: :func:`mdkd_det.config.get_cfg`;
+            detectron2: its ``get_cfg()`` with ``add_mdkd_config``).
+        merge: ``merge(base, path)`` (default ``base.merge_from_file(path)``; detectron2:
+            ``merge_d2_file``).
 
     Raises:
         ConfigError: missing ``KD.TEACHER_CONFIG`` / ``KD.TEACHER_WEIGHTS``, or teacher and student
             normalise pixels differently (the teacher reads the student's transformed batch).
     """
-    if not cfg.KD.TEACHER_CONFIG or not cfg.KD.TEACHER_WEIGHTS:
+    kd = cfg.KD
+    if not kd.TEACHER_CONFIG or not kd.TEACHER_WEIGHTS:
         raise ConfigError("KD.ENABLED needs KD.TEACHER_CONFIG and KD.TEACHER_WEIGHTS")
-    tcfg = get_cfg()
-    tcfg.merge_from_file(cfg.KD.TEACHER_CONFIG)
-    tcfg.MODEL.WEIGHTS = cfg.KD.TEACHER_WEIGHTS
+    tcfg = get_cfg() if base is None else base
+    if merge is None:
+        tcfg.merge_from_file(kd.TEACHER_CONFIG)
+    else:
+        merge(tcfg, kd.TEACHER_CONFIG)
+    tcfg.MODEL.WEIGHTS = kd.TEACHER_WEIGHTS
     tcfg.MODEL.DEVICE = cfg.MODEL.DEVICE
-    tcfg.FROZEN_TEACHER = cfg.FROZEN_TEACHER.clone()  # the student run decides how teachers run
+    if "FROZEN_TEACHER" in cfg:
+        tcfg.FROZEN_TEACHER = cfg.FROZEN_TEACHER.clone()  # the student run decides how teachers run
     if list(tcfg.MODEL.PIXEL_MEAN) != list(cfg.MODEL.PIXEL_MEAN) or list(tcfg.MODEL.PIXEL_STD) != list(cfg.MODEL.PIXEL_STD):
         raise ConfigError(
-            f"{cfg.KD.TEACHER_CONFIG}: MODEL.PIXEL_MEAN/STD differ from the student's; the teacher "
+            f"{kd.TEACHER_CONFIG}: MODEL.PIXEL_MEAN/STD differ from the student's; the teacher "
             "reads the student's normalised batch (give per-teacher normalisation in FUSION.*)"
         )
     return tcfg
 
 
-def build_teacher(cfg: CfgNode) -> nn.Module:
-    """Build and load the frozen teacher detector named by ``KD.TEACHER_*`` (eval, no grad).
+def _load_teacher_weights(teacher: nn.Module, tcfg: CfgNode, trust: bool) -> None:
+    """:class:`Checkpointer` load of ``tcfg.MODEL.WEIGHTS`` (the default ``load`` of
+    :func:`build_teacher`)."""
+    Checkpointer(teacher, tcfg.OUTPUT_DIR, trust_checkpoints=trust).load(tcfg.MODEL.WEIGHTS)
+
+
+def build_teacher(cfg: CfgNode, teacher_cfg: Optional[CfgNode] = None,
+                  build: Optional[Callable[[CfgNode], nn.Module]] = None,
+                  load: Optional[Callable[[nn.Module, CfgNode, bool], object]] = None) -> nn.Module:
+    """Build, load and freeze the teacher named by ``KD.TEACHER_*``: THE one teacher builder
+    (every family here; detectron2 passes its own config, builder and loader).
+
+    Args:
+        cfg: the student's config.
+        teacher_cfg: the teacher's config (default: :func:`load_teacher_cfg` of ``cfg``).
+        build: ``build(teacher_cfg) -> model`` (default: :func:`~mdkd_det.engine.defaults.build_model`).
+        load: ``load(model, teacher_cfg, trust)`` loading ``teacher_cfg.MODEL.WEIGHTS`` (default:
+            :class:`~mdkd_det.engine.checkpointer.Checkpointer`); ``trust`` =
+            ``cfg.MODEL.TRUST_CHECKPOINTS``.
+
+    Returns:
+        The teacher, frozen by :func:`~mdkd_det.modeling.frozen_teacher.freeze_teacher`.
 
     Raises:
+        ConfigError: from :func:`load_teacher_cfg`.
         CheckpointError: the checkpoint does not match the teacher architecture (names the file
             and the mismatched keys).
     """
-    tcfg = load_teacher_cfg(cfg)
-    teacher = build_model(tcfg)
-    trust = cfg.MODEL.TRUST_CHECKPOINTS
-    Checkpointer(teacher, tcfg.OUTPUT_DIR, trust_checkpoints=trust).load(tcfg.MODEL.WEIGHTS)
+    tcfg = load_teacher_cfg(cfg) if teacher_cfg is None else teacher_cfg
+    teacher = (build or build_model)(tcfg)
+    (load or _load_teacher_weights)(teacher, tcfg, bool(cfg.MODEL.TRUST_CHECKPOINTS))
     return freeze_teacher(teacher)
 
 

@@ -7,7 +7,7 @@ Config-driven glue (``DefaultTrainer``, CLI helpers) lives in :mod:`mdkd_det.eng
 they import the data and task layers, which import this package.
 """
 
-from . import comm
+from . import comm, hooks
 from .checkpointer import Checkpointer, atomic_torch_save, atomic_write_text, export_model, unwrap_model
 from .events import EventStorage, EventWriter, JSONWriter, ProgressWriter, TensorboardWriter, get_event_storage
 from .hooks import (
@@ -37,15 +37,7 @@ __all__ = [
     "ProgressWriter",
     "TensorboardWriter",
     "get_event_storage",
-    "HookBase",
-    "CallbackHook",
-    "IterationTimer",
-    "LRScheduler",
-    "PeriodicCheckpointer",
-    "EvalHook",
-    "PeriodicWriter",
-    "default_writers",
-    "flatten_results",
+    *hooks.__all__,
     "launch",
     "create_ddp_model",
     "TrainerBase",

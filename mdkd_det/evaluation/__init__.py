@@ -1,5 +1,6 @@
 """Evaluation: COCO bbox metrics (faster-coco-eval), FROC, inference loop, visualisation."""
 
+from . import coco_evaluation
 from .benchmark_eval import time_coco_eval
 from .coco_evaluation import (
     COCO_BBOX_METRIC_NAMES,
@@ -13,11 +14,7 @@ from .froc import DEFAULT_FPS_PER_IMAGE, froc, froc_key
 from .visualize import draw_detections, save_visualizations
 
 __all__ = [
-    "COCOEvaluator",
-    "COCO_BBOX_METRIC_NAMES",
-    "coco_bbox_metrics",
-    "contiguous_to_dataset_ids",
-    "to_json_safe",
+    *coco_evaluation.__all__,
     "froc",
     "froc_key",
     "DEFAULT_FPS_PER_IMAGE",

@@ -1,6 +1,10 @@
-"""How a frozen teacher is prepared and run: THE one mechanism for the Stage-3 KD teacher and
-the frozen teachers inside the Stage-2 :class:`~mdkd_det.modeling.fusion.FusionBackbone`
-(docs/benchmarks.md; issue 11).
+"""How a teacher is frozen, prepared and run: THE one mechanism for the Stage-3 KD teacher (every
+family: torchvision, RF-DETR, detectron2, seg, cls) and the frozen teachers inside the Stage-2
+:class:`~mdkd_det.modeling.fusion.FusionBackbone` (docs/benchmarks.md; issues 11 and 14).
+
+Freezing (:func:`freeze_teacher`): ``requires_grad=False``, ``eval()`` (BatchNorm statistics and
+dropout fixed), and the module made a :class:`KeepsTeachersFrozen`, whose ``train(mode)`` keeps
+a frozen module in ``eval()``, so neither a parent's ``train()`` nor a direct call flips it back.
 
 A frozen teacher is only ever evaluated, so it may be rewritten for speed as long as its
 outputs do not change:
@@ -28,7 +32,7 @@ import dataclasses
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Any, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple, Type
 
 import torch
 import torch.fx
@@ -36,6 +40,66 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 logger = logging.getLogger(__name__)
+
+
+class KeepsTeachersFrozen:
+    """``nn.Module`` mixin: ``train(mode)`` sets ``mode`` on the module tree as usual, except
+    that a module frozen by :func:`freeze_teacher` (this one, or any submodule) stays in
+    ``eval()`` (paper_notes A20: frozen teachers never update BatchNorm statistics).
+
+    :func:`freeze_teacher` gives a frozen module this mixin, so every frozen module, and every
+    module holding one, follows the rule; a class may also inherit it directly.
+    """
+
+    def train(self, mode: bool = True):
+        """``nn.Module.train(mode)`` (``mode=False`` when this module is frozen); frozen
+        submodules are then put back in ``eval()``. Returns self."""
+        super().train(bool(mode) and not is_frozen(self))  # type: ignore[misc]
+        for m in self.modules():  # type: ignore[attr-defined]
+            if m is not self and m.training and is_frozen(m):
+                m.train(False)
+        return self
+
+
+#: attribute :func:`freeze_teacher` sets on a frozen module.
+FROZEN_ATTR = "_mdkd_frozen_teacher"
+_FROZEN_CLASSES: Dict[type, type] = {}
+
+
+def is_frozen(module: nn.Module) -> bool:
+    """True if :func:`freeze_teacher` froze ``module``."""
+    return bool(getattr(module, FROZEN_ATTR, False))
+
+
+def _frozen_class(cls: Type[nn.Module]) -> type:
+    """``cls`` with the :class:`KeepsTeachersFrozen` mixin first (one class per ``cls``, cached;
+    same name, module and qualname as ``cls``)."""
+    if issubclass(cls, KeepsTeachersFrozen):
+        return cls
+    if cls not in _FROZEN_CLASSES:
+        _FROZEN_CLASSES[cls] = type(cls.__name__, (KeepsTeachersFrozen, cls),
+                                    {"__module__": cls.__module__, "__qualname__": cls.__qualname__})
+    return _FROZEN_CLASSES[cls]
+
+
+def freeze_teacher(module: nn.Module) -> nn.Module:
+    """Freeze a teacher (or a container of teachers) for inference-only use, in place: THE one
+    way teachers are frozen (KD teacher of every family, ``FusionBackbone`` teachers).
+
+    ``requires_grad_(False)`` on every parameter, ``eval()`` on the whole tree, and the module
+    made a :class:`KeepsTeachersFrozen` (its class swapped for a cached subclass with the mixin,
+    as detectron2's ``maybe_add_gradient_clipping`` does for optimizers), so a later
+    ``train()``, direct or from a parent, leaves it in ``eval()``. Weights, ``state_dict`` keys
+    and outputs are unchanged. Idempotent.
+
+    Returns:
+        ``module``.
+    """
+    module.requires_grad_(False)
+    setattr(module, FROZEN_ATTR, True)
+    module.__class__ = _frozen_class(type(module))
+    module.train(False)
+    return module
 
 
 def conv_bn_pairs(module: nn.Module, prefix: str = "") -> List[Tuple[str, str]]:

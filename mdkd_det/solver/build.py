@@ -74,10 +74,14 @@ def build_optimizer(cfg, model_or_params: Union[torch.nn.Module, Iterable[Any]])
     Args:
         cfg: config with ``SOLVER.OPTIMIZER`` ("AdamW" or "SGD", case-insensitive),
             ``SOLVER.BASE_LR`` (initial LR before warmup scaling), ``SOLVER.WEIGHT_DECAY``
-            (decoupled for AdamW, L2 for SGD) and ``SOLVER.MOMENTUM`` (SGD only).
+            (decoupled for AdamW, L2 for SGD), ``SOLVER.MOMENTUM`` (SGD only) and, when the
+            config has it (detectron2's), ``SOLVER.NESTEROV`` (SGD only; default False).
         model_or_params: an ``nn.Module`` (its ``parameters()``), or an iterable of parameter
-            tensors and/or torch param-group dicts (``{"params": [...], "lr": ...}``); only
-            tensors with ``requires_grad=True`` are kept, duplicates once.
+            tensors and/or torch param-group dicts (``{"params": [...], "lr": ...}``, e.g.
+            detectron2's ``get_default_optimizer_params``: per-group LR and weight decay for
+            norm layers and biases); only tensors with ``requires_grad=True`` are kept,
+            duplicates once. THE one optimizer builder (detectron2's trainer wraps it:
+            :func:`mdkd_det.d2.trainer.build_d2_optimizer`).
 
     Returns:
         ``torch.optim.AdamW`` or ``torch.optim.SGD`` (torch library classes).
@@ -98,7 +102,9 @@ def build_optimizer(cfg, model_or_params: Union[torch.nn.Module, Iterable[Any]])
     if name.lower() == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
     if name.lower() == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=float(cfg.SOLVER.MOMENTUM), weight_decay=wd)
+        nesterov = bool(getattr(cfg.SOLVER, "NESTEROV", False))
+        return torch.optim.SGD(params, lr=lr, momentum=float(cfg.SOLVER.MOMENTUM), weight_decay=wd,
+                               nesterov=nesterov)
     raise ConfigError(f"SOLVER.OPTIMIZER: unknown optimizer '{name}'; expected one of {list(OPTIMIZERS)}")
 
 

@@ -7,8 +7,9 @@ The result has the teachers' keys and strides and ``out_channels`` channels, so 
 any detector that fits a teacher (torchvision ``FasterRCNN(FusionBackbone(...), num_classes)``
 builds new RPN and RoI heads on it, as C12 says).
 
-Frozen means (A20): ``requires_grad=False``, always ``eval()`` (``train()`` is overridden, so
-BatchNorm statistics never change) and run without autograd. How they run is a
+Frozen means (A20): :func:`~mdkd_det.modeling.frozen_teacher.freeze_teacher` (``requires_grad=False``,
+always ``eval()`` whatever ``train()`` says, so BatchNorm statistics never change) and run
+without autograd. How they run is a
 :class:`~mdkd_det.modeling.frozen_teacher.TeacherRuntime` (``FROZEN_TEACHER.*``: BatchNorm
 folded, channels_last, ``inference_mode``, bf16): the teachers' outputs are released as fp32,
 non-inference tensors, because the trainable fusion ops save their inputs for backward
@@ -21,8 +22,7 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-import os
+import warnings
 from collections import OrderedDict
 from typing import Dict, Iterator, List, Mapping, Optional, Sequence
 
@@ -32,8 +32,9 @@ from torch import nn
 from ...utils.checkpoint_io import load_model_state
 from ...utils.errors import CheckpointError, ConfigError
 from ..backbone.base import Backbone
-from ..frozen_teacher import TeacherRuntime, has_foldable_batchnorm
+from ..frozen_teacher import TeacherRuntime, freeze_teacher, has_foldable_batchnorm
 from ..registry import BACKBONE_REGISTRY
+from ..shape_spec import match_levels_by_stride
 from .ops import build_fusion_op
 
 logger = logging.getLogger(__name__)
@@ -97,7 +98,7 @@ class FusionBackbone(Backbone):
 
     Args:
         teachers: N backbones (each following the :class:`Backbone` contract), target teacher
-            first. They are frozen in place (``requires_grad_(False)``, ``eval()``).
+            first. They are frozen in place (:func:`~mdkd_det.modeling.frozen_teacher.freeze_teacher`).
         fusion_op: name in ``FUSION_REGISTRY`` ("concat1x1" = paper; "cross_attention" = A5).
         out_channels: channels of every fused map (paper: fixed number; 256).
         teacher_inputs: one :class:`TeacherInput` (or None = identity) per teacher.
@@ -150,7 +151,7 @@ class FusionBackbone(Backbone):
                              f"{len(teachers)} teachers")
         shapes = [t.output_shape() for t in teachers]
         ref = shapes[0]
-        self.level_maps = [match_levels_nearest_stride(ref, s) if level_match == "stride"
+        self.level_maps = [match_levels_by_stride(ref, s, nearest=True) if level_match == "stride"
                            else {k: k for k in ref} for s in shapes]
         for i, s in enumerate(shapes[1:] if level_match == "keys" else [], start=1):
             if list(s) != list(ref):
@@ -165,8 +166,7 @@ class FusionBackbone(Backbone):
         self.teacher_inputs = nn.ModuleList(
             ti if ti is not None else nn.Identity() for ti in teacher_inputs
         )
-        self.teachers.requires_grad_(False)
-        self.teachers.eval()
+        freeze_teacher(self.teachers)
         self.fusion_op_name = fusion_op
         levels = list(ref) if not levels else [str(lv) for lv in levels]
         bad = [lv for lv in levels if lv not in ref]
@@ -191,12 +191,6 @@ class FusionBackbone(Backbone):
     def num_teachers(self) -> int:
         """N, the number of teacher backbones (m + 1)."""
         return len(self.teachers)
-
-    def train(self, mode: bool = True) -> "FusionBackbone":
-        """Set train/eval mode of the fusion ops; the teachers stay in ``eval()`` (A20)."""
-        super().train(mode)
-        self.teachers.eval()
-        return self
 
     def fusion_parameters(self) -> Iterator[nn.Parameter]:
         """Parameters of the fusion operators only (the trainable part of this backbone)."""
@@ -256,17 +250,11 @@ def _drop_prepared(module: FusionBackbone, _incompatible_keys) -> None:
 
 
 def match_levels_nearest_stride(ref: Mapping, other: Mapping) -> Dict[str, str]:
-    """``{ref level: other level}`` pairing each level of ``ref`` with the level of ``other``
-    whose stride is nearest in log2 (ties -> the finer one).
-
-    Args:
-        ref, other: ``{name: ShapeSpec}`` (``output_shape()``), strides in px.
-    """
-    out = {}
-    for name, spec in ref.items():
-        out[name] = min(other, key=lambda k: (abs(math.log2(other[k].stride) - math.log2(spec.stride)),
-                                              other[k].stride))
-    return out
+    """Deprecated alias (one release) of
+    :func:`~mdkd_det.modeling.shape_spec.match_levels_by_stride` ``(ref, other, nearest=True)``."""
+    warnings.warn("match_levels_nearest_stride is deprecated; use mdkd_det.modeling.shape_spec."
+                  "match_levels_by_stride(ref, other, nearest=True)", DeprecationWarning, stacklevel=2)
+    return match_levels_by_stride(ref, other, nearest=True)
 
 
 def _fmt(keys: Sequence[str], n: int = 10) -> str:

@@ -94,8 +94,9 @@ class LevelSelect(Backbone):
 
     ``inner``'s submodules are registered as this module's own children, so the state-dict
     keys are exactly ``inner``'s (a Stage-1 teacher checkpoint loads into a plain backbone of
-    its registry name, e.g. in ``FusionBackbone``). ``train()`` is forwarded to ``inner`` so its
-    own mode rules hold (``FusionBackbone`` keeps its teachers in ``eval()``).
+    its registry name, e.g. in ``FusionBackbone``). ``train()`` reaches those children as usual;
+    frozen teachers among them stay in ``eval()`` by
+    :func:`~mdkd_det.modeling.frozen_teacher.freeze_teacher`.
 
     Raises:
         ConfigError: a name that is not one of ``inner``'s maps.
@@ -121,11 +122,6 @@ class LevelSelect(Backbone):
     def inner(self) -> Backbone:
         """The wrapped backbone (e.g. a ``FusionBackbone`` with ``fusion_parameters()``)."""
         return self._inner[0]
-
-    def train(self, mode: bool = True) -> "LevelSelect":
-        super().train(mode)
-        self.inner.train(mode)
-        return self
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
         if hasattr(self.inner, "forward_levels"):  # e.g. FusionBackbone: fuse these levels only

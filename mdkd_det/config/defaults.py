@@ -5,7 +5,7 @@ unknown key is an error (see :func:`mdkd_det.config.config.merge_from_file`). Un
 each comment: pixels (px), Hounsfield units (HU), iterations (iter).
 """
 
-from .config import CfgNode as CN
+from .cfg_node import CfgNode as CN
 
 _C = CN()
 _C.VERSION = 1

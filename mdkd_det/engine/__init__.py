@@ -7,7 +7,7 @@ Config-driven glue (``DefaultTrainer``, CLI helpers) lives in :mod:`mdkd_det.eng
 they import the data and task layers, which import this package.
 """
 
-from . import comm
+from ..utils import comm
 from .checkpointer import Checkpointer, atomic_torch_save, atomic_write_text, export_model, unwrap_model
 from .events import EventStorage, EventWriter, JSONWriter, ProgressWriter, TensorboardWriter, get_event_storage
 from .hooks import (

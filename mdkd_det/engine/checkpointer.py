@@ -29,7 +29,7 @@ import torch
 
 from ..utils.checkpoint_io import load_checkpoint_file
 from ..utils.errors import CheckpointError
-from . import comm
+from ..utils import comm
 
 __all__ = [
     "Checkpointer",

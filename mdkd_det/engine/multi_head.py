@@ -27,7 +27,7 @@ from ..modeling.meta_arch.multi_head import MultiHeadFasterRCNN
 from ..tasks import get_task
 from ..utils.errors import ConfigError, DatasetError
 from .checkpointer import export_model, unwrap_model
-from . import comm
+from ..utils import comm
 from .defaults import DefaultTrainer, do_test, seed_all_rng
 from .trainer import SimpleTrainer
 
@@ -122,7 +122,8 @@ class MultiHeadTrainer(DefaultTrainer):
 
     def build_train_loader(self, start_iter: int):
         """Round-robin loader at ``start_iter`` (checks each dataset's class count)."""
-        loader = build_round_robin_train_loader(self.cfg, self.dataset_names, start_iter)
+        loader = build_round_robin_train_loader(self.cfg, self.dataset_names, start_iter,
+                                                mapper=get_task(self.cfg).build_mapper(self.cfg, is_train=True))
         for name in self.dataset_names:
             get_task(self.cfg).check_dataset(self.cfg, name)
         return loader

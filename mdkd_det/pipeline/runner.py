@@ -71,7 +71,7 @@ import time
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..config import CfgNode, get_cfg
-from ..engine import comm
+from ..utils import comm
 from ..engine.checkpointer import atomic_write_text
 from ..engine.defaults import DefaultTrainer, dataset_output_name
 from ..tasks import get_task

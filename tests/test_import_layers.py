@@ -205,3 +205,33 @@ def test_checker_reports_module_outside_the_layers(tmp_path):
     _write(tmp_path, {"pkg/__init__.py": "", "pkg/extra/__init__.py": "", "pkg/extra/m.py": "X = 1\n"})
     problems = check_imports(tmp_path, "pkg", ("pkg", "low"), {"pkg": "pkg"})
     assert len(problems) == 2 and all("not in" in p for p in problems), problems
+
+
+def test_architecture_doc_lists_the_layers_in_order():
+    import re
+
+    text = (_ROOT / "docs" / "architecture.md").read_text()
+    rows = re.findall(r"^\| (\d+) \| (\w+) \|", text, flags=re.M)
+    assert [name for _, name in rows] == list(LAYERS)
+    for mod in MODULE_LAYER:
+        if mod != "mdkd_det":
+            assert mod.split(".", 1)[1].replace(".", "/") + ".py" in text, mod
+
+
+def test_deprecated_aliases_are_the_new_objects():
+    import importlib
+    import warnings
+
+    from mdkd_det.modeling import META_ARCH_REGISTRY
+    from mdkd_det.modeling.meta_arch.multi_head import MultiHeadModel
+    from mdkd_det.utils import comm
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert importlib.import_module("mdkd_det.engine.comm") is comm
+        from mdkd_det.modeling import DETECTOR_REGISTRY
+        from mdkd_det.modeling.meta_arch.multi_head import MultiHeadFasterRCNN
+        from mdkd_det.modeling.registry import DETECTOR_REGISTRY as reg2
+    assert DETECTOR_REGISTRY is META_ARCH_REGISTRY and reg2 is META_ARCH_REGISTRY
+    assert MultiHeadFasterRCNN is MultiHeadModel
+    assert sum(issubclass(w.category, DeprecationWarning) for w in caught) >= 2

@@ -29,8 +29,7 @@ R-CNN, RF-DETR, detectron2 and seg/cls paths share every loss and the whole KD s
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn

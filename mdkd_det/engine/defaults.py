@@ -1,7 +1,7 @@
 """Config-driven training/evaluation glue (detectron2's ``engine/defaults.py`` counterpart).
 
 - :func:`default_argument_parser` / :func:`default_setup`: the ``tools/train_net.py`` CLI.
-- :func:`build_model`: ``MODEL.META_ARCHITECTURE`` from ``DETECTOR_REGISTRY``.
+- :func:`build_model`: ``MODEL.META_ARCHITECTURE`` from ``META_ARCH_REGISTRY``.
 - :class:`DefaultTrainer`: builds model, optimizer, LR schedule, resumable loader, checkpointer
   and hooks from ``cfg``; ``trainer_class`` is the override point for mixins (KD).
 - :func:`do_test`: the task's evaluation (detection: COCO + FROC) of every ``DATASETS.TEST`` name.

@@ -131,6 +131,7 @@ def test_patches_manifest_and_patient_split(patch_dir):
 
 def test_cls_adapter_feeds_shared_distiller_and_mixin(tmp_path, patch_dir):
     from mdkd_det.data.build import build_detection_train_loader
+    from mdkd_det.tasks import get_task
     from mdkd_det.distill.distiller import Distiller
     from mdkd_det.distill.mixin import KDTrainerMixin
     from mdkd_det.distill.trainer import KDSimpleTrainer, KDTrainer
@@ -147,7 +148,7 @@ def test_cls_adapter_feeds_shared_distiller_and_mixin(tmp_path, patch_dir):
     assert type(kd.distiller) is Distiller and isinstance(kd.distiller.adapter, ImageClassifierAdapter)
     # late-k, k=2: student's last two levels <- teacher's last two FA blocks
     assert kd.distiller.level_pairs == {"blocks6": "fa2", "head": "fa3"}
-    loader = build_detection_train_loader(scfg)
+    loader = build_detection_train_loader(scfg, mapper=get_task(scfg).build_mapper(scfg, is_train=True))
     batch = next(iter(loader))
     trainer = kd.build_trainer(kd.model, loader)
     losses = trainer.compute_losses(batch)

@@ -11,7 +11,7 @@ from mdkd_det.data.multi import build_round_robin_train_loader
 from mdkd_det.engine.checkpointer import Checkpointer
 from mdkd_det.engine.defaults import build_model
 from mdkd_det.engine.multi_head import MultiHeadSimpleTrainer, MultiHeadTrainer
-from mdkd_det.modeling.meta_arch.multi_head import MultiHeadFasterRCNN, head_key
+from mdkd_det.modeling.meta_arch.multi_head import MultiHeadModel, head_key
 from mdkd_det.solver import build_optimizer
 from mdkd_det.utils.errors import ConfigError
 
@@ -34,7 +34,7 @@ def _cfg(data_root=None, out_dir="./output"):
 @pytest.fixture(scope="module")
 def model():
     torch.manual_seed(0)
-    return MultiHeadFasterRCNN(_cfg(), NAMES)
+    return MultiHeadModel(_cfg(), NAMES)
 
 
 def test_backbone_shared_heads_distinct(model):
@@ -70,11 +70,11 @@ def test_name_validation():
     cfg = _cfg()
     cfg.MODEL.BACKBONE.NAME = "no_such_backbone_needed"  # errors come before any build
     with pytest.raises(ConfigError, match="empty"):
-        MultiHeadFasterRCNN(cfg, [])
+        MultiHeadModel(cfg, [])
     with pytest.raises(ConfigError, match="more than once"):
-        MultiHeadFasterRCNN(cfg, ["a", "a"])
+        MultiHeadModel(cfg, ["a", "a"])
     with pytest.raises(ConfigError, match="same module key"):
-        MultiHeadFasterRCNN(cfg, ["a.b", "a:b"])
+        MultiHeadModel(cfg, ["a.b", "a:b"])
     assert head_key("coco:/x/ann.json:/x/img") == "coco__x_ann_json__x_img"
     assert head_key("3d") == "d_3d"
 
@@ -138,4 +138,4 @@ def test_trainer_rejects_mismatched_model(tmp_path):
     cfg = _cfg(None, tmp_path)
     torch.manual_seed(0)
     with pytest.raises(ConfigError, match="differ"):
-        MultiHeadTrainer(cfg, dataset_names=[SOURCE, TARGET], model=MultiHeadFasterRCNN(cfg, NAMES))
+        MultiHeadTrainer(cfg, dataset_names=[SOURCE, TARGET], model=MultiHeadModel(cfg, NAMES))

@@ -67,6 +67,18 @@ def test_pipeline_config_errors(tmp_path):
         PipelineRunner(cfg, stages=["dataset_specific"]).run()
 
 
+def test_backbone_init_goes_where_the_meta_architecture_says(tmp_path):
+    from mdkd_det.modeling import backbone_init_key
+
+    assert backbone_init_key("rfdetr") == "MODEL.RFDETR.BACKBONE_INIT" and backbone_init_key("faster_rcnn") == ""
+    cfg = _pipeline_cfg(tmp_path / "x")
+    cfg.defrost()
+    cfg.PIPELINE.ITERS.BACKBONE_INIT = 1
+    cfg.PIPELINE.BACKBONE_INIT_ARCH = "rfdetr"  # a Faster R-CNN pipeline takes no backbone init
+    with pytest.raises(ConfigError, match="'faster_rcnn' takes no backbone initialisation"):
+        PipelineRunner(cfg).stage_cfg("student")
+
+
 def test_first_seed_stage_cfg_equals_single_seed_run(tmp_path):
     single = PipelineRunner(_pipeline_cfg(tmp_path / "x"))
     cfg = _pipeline_cfg(tmp_path / "x")

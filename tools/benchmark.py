@@ -233,8 +233,9 @@ def group_dataset_specific(args) -> dict:
     ours = _trainer(ours_model, batch, cfg)
     t = _interleave({"bare": bare, "ours": ours}, args["iters"], args["warmup"])
     from mdkd_det.data.build import build_detection_train_loader
+    from mdkd_det.tasks import get_task
 
-    it = iter(build_detection_train_loader(cfg))
+    it = iter(build_detection_train_loader(cfg, mapper=get_task(cfg).build_mapper(cfg, is_train=True)))
     next(it)
     n, t0 = 0, time.perf_counter()
     while time.perf_counter() - t0 < args["loader_seconds"]:

@@ -29,6 +29,7 @@ from mdkd_det.distill.kd_terms import registered_terms
 from mdkd_det.distill.taps import TapRecorder
 from mdkd_det.distill.trainer import build_distiller, build_teacher
 from mdkd_det.engine.defaults import build_model
+from mdkd_det.tasks import get_task
 
 
 def _step(student, d, batch, backward=True):
@@ -58,7 +59,8 @@ def main() -> None:
     torch.manual_seed(int(cfg.SEED))
     student, teacher = build_model(cfg), build_teacher(cfg)
     student.train()
-    loader = iter(build_detection_train_loader(cfg, start_iter=0))
+    loader = iter(build_detection_train_loader(cfg, start_iter=0,
+                                               mapper=get_task(cfg).build_mapper(cfg, is_train=True)))
     if args.batches:
         every = cfg.clone()
         for _, term in registered_terms():

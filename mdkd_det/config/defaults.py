@@ -5,7 +5,7 @@ unknown key is an error (see :func:`mdkd_det.config.config.merge_from_file`). Un
 each comment: pixels (px), Hounsfield units (HU), iterations (iter).
 """
 
-from .config import CfgNode as CN
+from .cfg_node import CfgNode as CN
 
 _C = CN()
 _C.VERSION = 1
@@ -15,7 +15,7 @@ _C.VERSION = 1
 # --------------------------------------------------------------------------------------------
 _C.MODEL = CN()
 _C.MODEL.DEVICE = "cpu"
-# Detector family, a name in DETECTOR_REGISTRY ("faster_rcnn").
+# Detector family, a name in META_ARCH_REGISTRY ("faster_rcnn").
 _C.MODEL.META_ARCHITECTURE = "faster_rcnn"
 # Task of the model (mdkd_det.tasks.TASK_REGISTRY): input mapper, evaluation, best-model metric,
 # results-table columns. "detection" (COCO bbox + FROC); other tasks register their own.

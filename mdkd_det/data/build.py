@@ -2,76 +2,36 @@
 
 Train loader: infinite, seeded, resumable (:class:`TrainingSampler`), aspect-ratio grouped,
 ``DATALOADER.NUM_WORKERS`` workers, each batch a ``list`` of mapper dicts (the detector pads).
-Test loader: in order, sharded over ranks.
+Test loader: in order, sharded over ranks. The caller hands in the mapper of its task (default:
+detection's :class:`DatasetMapper`), as detectron2's ``build_detection_train_loader(cfg, mapper=...)``.
 """
 
 from __future__ import annotations
 
-import functools
 import logging
 from typing import Callable, List, Optional, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ..utils.env import dataset_root
-from .catalog import DatasetCatalog, MetadataCatalog
-from .datasets.builtin import register_builtin
-from .datasets.validate import check_records
+from ..utils.comm import get_rank, get_world_size
+from .datasets.lesion_patch import register_lesion_patches
+from .datasets.records import load_dataset_records
+from .mapper import DatasetMapper
 from .samplers import GroupedBatchSampler, InferenceSampler, TrainingSampler
 
 logger = logging.getLogger(__name__)
 
 
 def get_dataset_records(cfg, names: Sequence[str], limit: int = 0, check_classes: bool = False,
-                        drop_labels: bool = False) -> List[dict]:
-    """Load, validate (``DATASETS.BOX_POLICY``, ``KEEP_EMPTY``) and concatenate datasets.
-
-    Built-in names are registered under ``dataset_root(cfg)`` first; ``coco:<json>:<dir>``
-    names register themselves. With ``check_classes`` (training sets) every annotation's
-    ``category_id`` must lie in ``[0, NUM_CLASSES)`` of the task's ``num_classes_key``.
-    With ``drop_labels`` (the unlabelled stream of ``KD.UNLABELED``, paper 003) every record's
-    ``annotations`` are replaced by ``[]`` before anything reads them and empty records are
-    kept; each dataset must be unlabelled (metadata ``unlabeled``, or no record has annotations).
-
-    Raises:
-        DatasetError: unknown name, missing image, bad box (policy "error"), category id beyond
-            the model's class count (naming the file and the key), empty result.
-        ConfigError: with ``drop_labels``, a labelled dataset (named, with
-            ``DATASETS.TRAIN_UNLABELED``).
-    """
-    from ..utils.errors import ConfigError, DatasetError
-
-    register_builtin(dataset_root(cfg), split_seed=int(cfg.DATASETS.SPLIT_SEED),
-                     split_fractions=tuple(cfg.DATASETS.SPLIT_FRACTIONS),
-                     label_fraction=float(cfg.DATASETS.LABEL_FRACTION))
-    from ..tasks import get_task  # tasks import data modules: import lazily
-
-    task = get_task(cfg)
-    task.register_datasets(cfg)
-    key = task.num_classes_key if check_classes else ""
-    num_classes = int(functools.reduce(lambda node, k: node[k], key.split("."), cfg)) if key else None
-    records: List[dict] = []
-    for name in names:
-        if check_classes and MetadataCatalog.get(name).get("unlabeled", False):
-            raise DatasetError(f"dataset '{name}' is unlabelled (its boxes were removed): it cannot "
-                               f"be a supervised training set; list it in DATASETS.TRAIN_UNLABELED")
-        recs = DatasetCatalog.get(name)
-        if drop_labels:
-            if not MetadataCatalog.get(name).get("unlabeled", False) and any(r.get("annotations") for r in recs):
-                raise ConfigError(f"DATASETS.TRAIN_UNLABELED: dataset '{name}' is labelled; list "
-                                  "unlabelled sets only (e.g. lungct_disjoint_train_unlabeled)")
-            recs = [dict(r, annotations=[]) for r in recs]  # boxes are never read
-        recs = check_records(
-            recs, name, box_policy=cfg.DATASETS.BOX_POLICY, keep_empty=cfg.DATASETS.KEEP_EMPTY or drop_labels,
-            num_classes=num_classes, num_classes_key=key,
-        )
-        records.extend(recs)
-    if limit and limit > 0:
-        records = records[:limit]
-    if not records:
-        raise DatasetError(f"datasets {list(names)} contain no usable images")
-    return records
+                        drop_labels: bool = False, num_classes_key: str = "") -> List[dict]:
+    """Records of ``names``: :func:`~mdkd_det.data.datasets.records.load_dataset_records` (same
+    arguments, returns and errors), after registering the ``lesion_patch_*`` names of ``cfg``
+    (``DATASETS.LESION_PATCH``, built on first use) when ``names`` asks for one."""
+    if any(str(n).startswith("lesion_patch_") for n in names):
+        register_lesion_patches(cfg)
+    return load_dataset_records(cfg, names, limit, check_classes=check_classes, drop_labels=drop_labels,
+                                num_classes_key=num_classes_key)
 
 
 class _MappedDataset(Dataset):
@@ -88,13 +48,6 @@ class _MappedDataset(Dataset):
             idx, pos = item
             return self.mapper(self.records[idx], seed=(self.seed * 1_000_003 + pos) % (2**31))
         return self.mapper(self.records[item])
-
-
-def _task_mapper(cfg, is_train: bool) -> Callable:
-    """The mapper of ``MODEL.TASK`` (detection: :class:`DatasetMapper`)."""
-    from ..tasks import get_task  # tasks import data modules: import lazily
-
-    return get_task(cfg).build_mapper(cfg, is_train)
 
 
 def trivial_batch_collator(batch: list) -> list:
@@ -117,7 +70,11 @@ def build_detection_train_loader(
         cfg: config (DATASETS.*, DATALOADER.*, SOLVER.IMS_PER_BATCH, SEED).
         dataset_names: default ``DATASETS.TRAIN``.
         start_iter: resume position in iterations; the stream restarts exactly there.
-        mapper: default: the task's mapper (``MODEL.TASK``; detection: ``DatasetMapper``).
+        mapper: ``mapper(record, seed) -> dict``; default ``DatasetMapper(cfg, is_train=True)``
+            (detection, as detectron2). Callers of other tasks hand in their task's mapper
+            (``get_task(cfg).build_mapper(cfg, True)``). A mapper's ``num_classes_key``
+            attribute (if any) names the class count that bounds the loaded records' category
+            ids (:func:`get_dataset_records` ``check_classes``).
         batch_size: per-process batch; default ``SOLVER.IMS_PER_BATCH / world_size``.
         seed: stream seed; default ``SEED``.
         records: use these records instead of loading ``dataset_names``.
@@ -125,19 +82,17 @@ def build_detection_train_loader(
     Returns:
         DataLoader yielding ``list[dict]`` batches (see :class:`DatasetMapper`).
     """
-    from ..engine.comm import get_rank, get_world_size
-
     world, rank = get_world_size(), get_rank()
+    mapper = mapper or DatasetMapper(cfg, is_train=True)
     if records is None:
         records = get_dataset_records(cfg, dataset_names or cfg.DATASETS.TRAIN, cfg.DATASETS.TRAIN_LIMIT,
-                                      check_classes=True)
+                                      check_classes=True, num_classes_key=getattr(mapper, "num_classes_key", ""))
     if batch_size is None:
         total = int(cfg.SOLVER.IMS_PER_BATCH)
         if total % world:
             raise ValueError(f"SOLVER.IMS_PER_BATCH={total} must be divisible by world size {world}")
         batch_size = total // world
     seed = int(cfg.SEED if seed is None else seed)
-    mapper = mapper or _task_mapper(cfg, is_train=True)
     sampler = TrainingSampler(len(records), seed=seed, start=start_iter * batch_size * world,
                               rank=rank, world_size=world)
     if cfg.DATALOADER.ASPECT_RATIO_GROUPING:
@@ -163,13 +118,12 @@ def build_detection_test_loader(cfg, dataset_name: str, mapper: Optional[Callabl
                                 records: Optional[List[dict]] = None, batch_size: int = 1) -> DataLoader:
     """In-order test loader over ``dataset_name`` (sharded by rank), batches of ``list[dict]``.
 
-    ``DATASETS.TEST_LIMIT`` caps the number of images (0 = all).
+    ``DATASETS.TEST_LIMIT`` caps the number of images (0 = all). ``mapper`` defaults to
+    ``DatasetMapper(cfg, is_train=False)`` (detection); other tasks hand in theirs.
     """
-    from ..engine.comm import get_rank, get_world_size
-
     if records is None:
         records = get_dataset_records(cfg, [dataset_name], cfg.DATASETS.TEST_LIMIT)
-    mapper = mapper or _task_mapper(cfg, is_train=False)
+    mapper = mapper or DatasetMapper(cfg, is_train=False)
     sampler = InferenceSampler(len(records), get_rank(), get_world_size())
     return DataLoader(
         _MappedDataset(records, mapper, 0),

@@ -33,6 +33,22 @@ class _DatasetCatalog:
 
     def __init__(self) -> None:
         self._funcs: Dict[str, Callable[[], List[dict]]] = {}
+        self._defaults: List[Callable[[], None]] = []
+        self._resolvers: List[Callable[[str], bool]] = []
+
+    def add_default_registration(self, fn: Callable[[], None]) -> None:
+        """Run ``fn()`` before a lookup of an unknown name and before :meth:`list` (registers
+        default names lazily; :mod:`mdkd_det.data.datasets.builtin` adds the built-ins)."""
+        self._defaults.append(fn)
+
+    def add_name_resolver(self, fn: Callable[[str], bool]) -> None:
+        """Ask ``fn(name) -> bool`` (registered ``name`` now?) for a still unknown name
+        (:mod:`mdkd_det.data.datasets.coco` adds the ``coco:<json>:<dir>`` names)."""
+        self._resolvers.append(fn)
+
+    def _register_defaults(self) -> None:
+        for fn in list(self._defaults):
+            fn()
 
     def register(self, name: str, func: Callable[[], List[dict]]) -> None:
         """Register ``func`` (no arguments, returns records) under ``name``.
@@ -54,11 +70,9 @@ class _DatasetCatalog:
                 the loader raises for bad input.
         """
         if name not in self._funcs:
-            _ensure_builtin()
+            self._register_defaults()
         if name not in self._funcs:
-            from .datasets.coco import maybe_register_coco_spec
-
-            if not maybe_register_coco_spec(name):
+            if not any(resolve(name) for resolve in list(self._resolvers)):
                 raise DatasetError(
                     f"dataset '{name}' is not registered. Registered: {sorted(self._funcs)}. "
                     "Any COCO dataset can be named 'coco:<annotations.json>:<image_dir>'."
@@ -67,7 +81,7 @@ class _DatasetCatalog:
 
     def list(self) -> List[str]:
         """Registered names (the built-ins included), sorted."""
-        _ensure_builtin()
+        self._register_defaults()
         return sorted(self._funcs)
 
     def remove(self, name: str) -> None:
@@ -77,16 +91,6 @@ class _DatasetCatalog:
 
     def __contains__(self, name: str) -> bool:
         return name in self._funcs
-
-
-def _ensure_builtin() -> None:
-    """Register the built-in names under ``$MDKD_DATASETS`` on first use, unless some are
-    registered already (by :func:`~mdkd_det.data.datasets.register_builtin` with a config's
-    root, or by the user). Registration reads no file."""
-    from .datasets.builtin import BUILTIN_NAMES, register_builtin
-
-    if not any(n in DatasetCatalog for n in BUILTIN_NAMES):
-        register_builtin()
 
 
 class Metadata(types.SimpleNamespace):

@@ -38,6 +38,10 @@ class DatasetMapper:
         DatasetError: from the reader (missing/unreadable image), naming the file.
     """
 
+    #: Config key of the model's class count: the train loader checks every annotation's
+    #: ``category_id`` against it before training (:func:`~mdkd_det.data.build.get_dataset_records`).
+    num_classes_key = "MODEL.ROI_HEADS.NUM_CLASSES"
+
     def __init__(self, cfg, is_train: bool, window=None) -> None:
         self.is_train = is_train
         self.channels = int(cfg.INPUT.CHANNELS)

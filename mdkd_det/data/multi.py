@@ -125,7 +125,7 @@ class RoundRobinLoader:
 # builders from config
 # ------------------------------------------------------------------------------------------------
 def _per_process(total: int, key: str) -> int:
-    from ..engine.comm import get_world_size
+    from ..utils.comm import get_world_size
 
     world = get_world_size()
     total = int(total)

@@ -29,48 +29,13 @@ R-CNN, RF-DETR, detectron2 and seg/cls paths share every loss and the whole KD s
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import torch
 from torch import nn
 
-from ..modeling.registry import Registry
+from .adapter_base import KD_ADAPTER_REGISTRY, KDInputs, _unwrap, build_kd_adapter  # noqa: F401 (re-exported)
 from .taps import Tap, TapRecorder, register_detector_taps, teacher_roi_outputs
-
-KD_ADAPTER_REGISTRY = Registry("KD_ADAPTER", entry_point_group="mdkd_det.kd_adapters")
-
-
-@dataclass
-class KDInputs:
-    """What the KD losses read from one model for one step.
-
-    Attributes:
-        features: ``OrderedDict[level, Tensor[B, C, H, W]]`` multi-scale maps (FPN / projector /
-            encoder levels).
-        region_embeddings: ``Tensor[M, D]`` RoI-head embeddings or decoder query embeddings,
-            row m of the student paired with row m of the teacher; None if the family has none.
-        region_logits: ``Tensor[M, K]`` class logits of the same regions (softmax heads include
-            the background logit); None if absent.
-        logits: ``Tensor[B, K]`` image-level class logits (classification; L_KLD, Eq. 15); None
-            if absent.
-        images: ``Tensor[B, C, H, W]`` the normalised, padded batch both backbones read (student
-            side; multi-view terms such as DCGD make their views from it); None if absent.
-        pixel_logits: ``Tensor[B, K, H, W]`` dense logits of a segmenter (K = 1: sigmoid head;
-            paper 002 LM / AAM); None if absent.
-    """
-
-    features: "OrderedDict[str, torch.Tensor]"
-    region_embeddings: Optional[torch.Tensor] = None
-    region_logits: Optional[torch.Tensor] = None
-    logits: Optional[torch.Tensor] = None
-    images: Optional[torch.Tensor] = None
-    pixel_logits: Optional[torch.Tensor] = None
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 class TwoStageAdapter:
@@ -238,19 +203,3 @@ class EncoderFeaturesAdapter:
             pix = (teacher.decoder(feats, size=x.shape[-2:])
                    if "pixel_logits" in self.kd_fields and rec.get("pixel_logits") is not None else None)
         return KDInputs(features=feats, pixel_logits=pix)
-
-
-def build_kd_adapter(name: str, cfg=None):
-    """Instantiate the adapter registered as ``name`` (e.g. ``"torchvision_faster_rcnn"``);
-    an adapter class with a ``from_config(cfg)`` classmethod is built from ``cfg``.
-
-    Raises:
-        RegistryError: unknown name (lists the registered adapters).
-    """
-    cls = KD_ADAPTER_REGISTRY.get(name)
-    if cfg is not None and hasattr(cls, "from_config"):
-        return cls.from_config(cfg)
-    return cls()
-
-
-from . import rfdetr_adapter  # noqa: E402,F401  (registers "rfdetr"; imports this module)

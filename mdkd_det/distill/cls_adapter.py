@@ -21,7 +21,7 @@ from typing import Dict, List, Tuple
 import torch
 from torch import nn
 
-from .adapters import KD_ADAPTER_REGISTRY, KDInputs, _unwrap
+from .adapter_base import KD_ADAPTER_REGISTRY, KDInputs, _unwrap
 from .taps import Tap
 
 __all__ = ["LAYER_SELECTIONS", "select_layers", "ImageClassifierAdapter"]

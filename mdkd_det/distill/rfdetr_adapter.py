@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from ..utils.errors import ConfigError
-from .adapters import KD_ADAPTER_REGISTRY, KDInputs, _unwrap
+from .adapter_base import KD_ADAPTER_REGISTRY, KDInputs, _unwrap
 from .query_matching import pair_queries
 from .taps import Tap, TapRecorder, register_detector_taps
 

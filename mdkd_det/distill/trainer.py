@@ -22,13 +22,12 @@ from torch import nn
 
 from ..config import CfgNode, get_cfg
 from ..engine.checkpointer import Checkpointer, export_model
-from ..engine import comm
+from ..utils import comm
 from ..engine.defaults import DefaultTrainer, build_model, seed_all_rng
 from ..engine.trainer import SimpleTrainer
 from ..modeling.frozen_teacher import TeacherRuntime, freeze_teacher
 from ..solver import build_optimizer
 from ..utils.errors import ConfigError
-from . import cls_adapter  # noqa: F401  (registers the "image_classifier" adapter)
 from .adapters import build_kd_adapter
 from .distiller import Distiller
 from .kd_terms import term_weights

@@ -24,6 +24,7 @@ from typing import List, Sequence, Tuple
 from torch.utils.data import DataLoader
 
 from ..data.build import build_detection_train_loader, get_dataset_records
+from ..tasks import get_task
 from ..utils.errors import ConfigError
 from .distiller import TERM_KEYS
 
@@ -112,12 +113,13 @@ def build_unlabeled_loader(cfg, records: List[dict], start_iter: int = 0) -> Dat
     Raises:
         ConfigError: the batch is not divisible by the number of processes.
     """
-    from ..engine.comm import get_world_size
+    from ..utils.comm import get_world_size
 
     total = int(cfg.KD.UNLABELED.IMS_PER_BATCH) or int(cfg.SOLVER.IMS_PER_BATCH)
     world = get_world_size()
     if total % world:
         raise ConfigError(f"KD.UNLABELED.IMS_PER_BATCH = {total}: must be divisible by the {world} processes")
     return build_detection_train_loader(cfg, start_iter=start_iter, records=records,
+                                        mapper=get_task(cfg).build_mapper(cfg, is_train=True),
                                         batch_size=total // world,
                                         seed=int(cfg.SEED) + UNLABELED_SEED_OFFSET)

@@ -3,11 +3,12 @@ multi-process launch. Knows nothing about datasets or model families.
 
 Config-driven glue (``DefaultTrainer``, CLI helpers) lives in :mod:`mdkd_det.engine.defaults`,
 ``DefaultPredictor`` in :mod:`mdkd_det.engine.predictor`; both are importable from here
-(``from mdkd_det.engine import DefaultTrainer, DefaultPredictor``), loaded on first use because
-they import the data and task layers, which import this package.
+(``from mdkd_det.engine import DefaultTrainer, DefaultPredictor``), loaded on first use so that
+importing the loop alone does not load the data, model and task layers.
 """
 
-from . import comm, hooks
+from ..utils import comm
+from . import hooks
 from .checkpointer import Checkpointer, atomic_torch_save, atomic_write_text, export_model, unwrap_model
 from .events import EventStorage, EventWriter, JSONWriter, ProgressWriter, TensorboardWriter, get_event_storage
 from .hooks import (
@@ -55,7 +56,7 @@ _LAZY = {"DefaultTrainer": "defaults", "build_model": "defaults", "do_test": "de
          "DefaultPredictor": "predictor"}
 
 
-def __getattr__(name):  # PEP 562: config-level glue, imported on first use (no import cycle)
+def __getattr__(name):  # PEP 562: config-level glue, imported on first use
     if name in _LAZY:
         import importlib
 

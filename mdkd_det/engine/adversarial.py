@@ -53,7 +53,7 @@ from ..solver import build_optimizer
 from ..tasks import get_task
 from ..utils.errors import ConfigError, DatasetError
 from .checkpointer import unwrap_model
-from . import comm
+from ..utils import comm
 from .defaults import DefaultTrainer, seed_all_rng
 from .events import get_event_storage
 from .launch import create_ddp_model
@@ -415,7 +415,8 @@ class DomainAdversarialTrainer(DefaultTrainer):
     def build_train_loader(self, start_iter: int):
         """Paired source/target loader at ``start_iter`` (checks each dataset's class count)."""
         cfg = self.cfg
-        loader = build_paired_train_loader(cfg, cfg.ADVERSARIAL.SOURCE, cfg.DATASETS.TRAIN, start_iter)
+        loader = build_paired_train_loader(cfg, cfg.ADVERSARIAL.SOURCE, cfg.DATASETS.TRAIN, start_iter,
+                                           mapper=get_task(cfg).build_mapper(cfg, is_train=True))
         for name in list(cfg.ADVERSARIAL.SOURCE) + list(cfg.DATASETS.TRAIN):
             get_task(cfg).check_dataset(cfg, name)
         return loader

@@ -51,7 +51,7 @@ from ..utils.checkpoint_io import (  # atomic_*, remove_stale_temp_files: re-exp
     split_model_state,
 )
 from ..utils.errors import CheckpointError
-from . import comm
+from ..utils import comm
 
 __all__ = [
     "Checkpointer",

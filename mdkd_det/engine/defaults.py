@@ -1,7 +1,7 @@
 """Config-driven training/evaluation glue (detectron2's ``engine/defaults.py`` counterpart).
 
 - :func:`default_argument_parser` / :func:`default_setup`: the ``tools/train_net.py`` CLI.
-- :func:`build_model`: ``MODEL.META_ARCHITECTURE`` from ``DETECTOR_REGISTRY``.
+- :func:`build_model`: ``MODEL.META_ARCHITECTURE`` from ``META_ARCH_REGISTRY``.
 - :class:`DefaultTrainer`: builds model, optimizer, LR schedule, resumable loader, checkpointer
   and hooks from ``cfg``; ``trainer_class`` is the override point for mixins (KD).
 - :func:`do_test`: the task's evaluation (detection: COCO + FROC) of every ``DATASETS.TEST`` name.
@@ -27,7 +27,8 @@ from ..modeling.build import build_model  # noqa: F401  (re-exported: engine.def
 from ..solver import build_lr_scheduler, build_optimizer
 from ..tasks import get_task
 from ..utils.errors import ConfigError
-from . import comm, hooks
+from ..utils import comm
+from . import hooks
 from .checkpointer import Checkpointer
 from .events import JSONWriter, ProgressWriter, TensorboardWriter
 from .launch import create_ddp_model
@@ -252,8 +253,10 @@ class DefaultTrainer:
         return {"optimizer": self.optimizer, "scheduler": self.scheduler, **extra}
 
     def build_train_loader(self, start_iter: int):
-        """Infinite train loader positioned at ``start_iter`` (resume-exact)."""
-        return build_detection_train_loader(self.cfg, start_iter=start_iter)
+        """Infinite train loader positioned at ``start_iter`` (resume-exact), with the task's
+        mapper."""
+        return build_detection_train_loader(self.cfg, start_iter=start_iter,
+                                            mapper=get_task(self.cfg).build_mapper(self.cfg, is_train=True))
 
     def build_trainer(self, model, data_loader) -> SimpleTrainer:
         """``trainer_class`` with clipping (``SOLVER.CLIP_GRADIENTS``) and AMP (``SOLVER.AMP``)."""

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional
 
 import torch
 
-from . import comm
+from ..utils import comm
 from .checkpointer import atomic_write_text, get_rng_state, set_rng_state
 from .events import EventWriter, JSONWriter, ProgressWriter, TensorboardWriter
 

@@ -30,7 +30,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from ..utils.errors import ConfigError, MdkdError, user_message
-from . import comm
+from ..utils import comm
 
 __all__ = ["launch", "create_ddp_model", "find_free_port", "DEFAULT_TIMEOUT"]
 

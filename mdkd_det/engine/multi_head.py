@@ -2,7 +2,7 @@
 
 Each optimisation step draws one mini-batch per dataset (round robin,
 :func:`mdkd_det.data.multi.build_round_robin_train_loader`), runs each batch through its own
-detection head on the shared backbone (:class:`~mdkd_det.modeling.meta_arch.multi_head.MultiHeadFasterRCNN`)
+detection head on the shared backbone (:class:`~mdkd_det.modeling.meta_arch.multi_head.MultiHeadModel`)
 and optimises::
 
     L = (1/D) * sum_{d=1..D} sum_k L_det_k(head_d, batch_d)
@@ -23,11 +23,11 @@ from torch import nn
 
 from ..config import CfgNode
 from ..data.multi import build_round_robin_train_loader
-from ..modeling.meta_arch.multi_head import MultiHeadFasterRCNN
+from ..modeling.meta_arch.multi_head import MultiHeadModel
 from ..tasks import get_task
 from ..utils.errors import ConfigError, DatasetError
 from .checkpointer import export_model, unwrap_model
-from . import comm
+from ..utils import comm
 from .defaults import DefaultTrainer, do_test, seed_all_rng
 from .trainer import SimpleTrainer
 
@@ -38,7 +38,7 @@ class MultiDatasetMixin:
     """``compute_losses`` for a round-robin batch ``{dataset_name: list[dict]}`` (C38).
 
     The model is called as ``model(images, targets, dataset=name)`` for each dataset (a
-    :class:`MultiHeadFasterRCNN`, possibly DDP wrapped). Returns every term of every dataset,
+    :class:`MultiHeadModel`, possibly DDP wrapped). Returns every term of every dataset,
     already weighted by 1/D, under the key ``"<loss name>/<dataset>"`` (e.g.
     ``"loss_classifier/lungct_train"``), so the trainer's sum is
     ``(1/D) sum_d sum_k L_k(d)`` and each dataset's terms are logged.
@@ -72,7 +72,7 @@ class MultiHeadSimpleTrainer(MultiDatasetMixin, SimpleTrainer):
 class MultiHeadTrainer(DefaultTrainer):
     """Train the multi-head baseline from config (paper C38).
 
-    - model: :class:`MultiHeadFasterRCNN` with one head per name of ``dataset_names`` (default
+    - model: :class:`MultiHeadModel` with one head per name of ``dataset_names`` (default
       ``DATASETS.TRAIN``: here each entry is its own dataset and head, not a concatenation),
       target first, on ``MODEL.DEVICE``;
     - data: :func:`build_round_robin_train_loader` (``SOLVER.IMS_PER_BATCH`` images of every
@@ -84,7 +84,7 @@ class MultiHeadTrainer(DefaultTrainer):
     Args:
         cfg: config.
         dataset_names: one dataset per head, target first; default ``DATASETS.TRAIN``.
-        model: a prebuilt :class:`MultiHeadFasterRCNN` over the same names.
+        model: a prebuilt :class:`MultiHeadModel` over the same names.
 
     Raises:
         ConfigError: empty/duplicated names, or a ``model`` whose heads differ from the names.
@@ -99,16 +99,16 @@ class MultiHeadTrainer(DefaultTrainer):
             seed_all_rng(int(cfg.SEED) + comm.get_rank())
             model = self.build_multi_head_model(cfg, names)
         inner = unwrap_model(model)
-        if not isinstance(inner, MultiHeadFasterRCNN) or list(inner.dataset_names) != names:
+        if not isinstance(inner, MultiHeadModel) or list(inner.dataset_names) != names:
             have = getattr(inner, "dataset_names", type(inner).__name__)
             raise ConfigError(f"MultiHeadTrainer: model heads {have} differ from dataset_names {names}")
         self.dataset_names: List[str] = names
         super().__init__(cfg, model)
 
     @classmethod
-    def build_multi_head_model(cls, cfg: CfgNode, dataset_names: Sequence[str]) -> MultiHeadFasterRCNN:
-        """:class:`MultiHeadFasterRCNN` over ``dataset_names`` on ``MODEL.DEVICE``."""
-        return MultiHeadFasterRCNN(cfg, dataset_names).to(torch.device(cfg.MODEL.DEVICE))
+    def build_multi_head_model(cls, cfg: CfgNode, dataset_names: Sequence[str]) -> MultiHeadModel:
+        """:class:`MultiHeadModel` over ``dataset_names`` on ``MODEL.DEVICE``."""
+        return MultiHeadModel(cfg, dataset_names).to(torch.device(cfg.MODEL.DEVICE))
 
     @classmethod
     def build_model(cls, cfg: CfgNode) -> nn.Module:
@@ -122,7 +122,8 @@ class MultiHeadTrainer(DefaultTrainer):
 
     def build_train_loader(self, start_iter: int):
         """Round-robin loader at ``start_iter`` (checks each dataset's class count)."""
-        loader = build_round_robin_train_loader(self.cfg, self.dataset_names, start_iter)
+        loader = build_round_robin_train_loader(self.cfg, self.dataset_names, start_iter,
+                                                mapper=get_task(self.cfg).build_mapper(self.cfg, is_train=True))
         for name in self.dataset_names:
             get_task(self.cfg).check_dataset(self.cfg, name)
         return loader
@@ -130,7 +131,7 @@ class MultiHeadTrainer(DefaultTrainer):
     def test(self, model: Optional[nn.Module] = None) -> Dict[str, dict]:
         """Evaluate the target head on ``DATASETS.TEST`` (``do_test``)."""
         m = unwrap_model(model if model is not None else self.model)
-        head = m.head(self.target_name) if isinstance(m, MultiHeadFasterRCNN) else m
+        head = m.head(self.target_name) if isinstance(m, MultiHeadModel) else m
         return do_test(self.cfg, head)
 
     def export_head(self, name: str, path: str) -> str:

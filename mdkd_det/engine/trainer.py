@@ -43,7 +43,7 @@ import torch
 from ..utils.device import model_device, to_device
 
 from ..utils.errors import ConfigError, DatasetError
-from . import comm
+from ..utils import comm
 from .events import EventStorage
 from .hooks import HookBase
 

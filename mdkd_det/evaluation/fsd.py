@@ -92,8 +92,8 @@ def backbone_embeddings(model: nn.Module, images: Sequence[torch.Tensor], level:
 @torch.no_grad()
 def dataset_embeddings(cfg, model: nn.Module, dataset_name: str, limit: int = 64,
                        level: Optional[str] = None) -> np.ndarray:
-    """Per-image embeddings [N, C] of the first ``limit`` images of ``dataset_name`` (test
-    mapper of ``cfg``): a detector's own input transform (torchvision ``model.transform``:
+    """Per-image embeddings [N, C] of the first ``limit`` images of ``dataset_name`` (detection
+    test mapper, :class:`~mdkd_det.data.mapper.DatasetMapper`): a detector's own input transform (torchvision ``model.transform``:
     resize + normalise + pad) when it has one, then :func:`backbone_embeddings`' pooling.
 
     Raises:
@@ -144,7 +144,7 @@ def extract_main(argv: Sequence[str]) -> int:
     model's :func:`dataset_embeddings` per dataset, saved as one array per dataset name."""
     from ..config import get_cfg
     from ..engine.checkpointer import Checkpointer
-    from ..engine.defaults import build_model
+    from ..modeling import build_model
 
     p = argparse.ArgumentParser(prog="python -m mdkd_det.evaluation.fsd extract")
     p.add_argument("--config-file", required=True)

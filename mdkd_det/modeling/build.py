@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import torch
 
-from .registry import DETECTOR_REGISTRY
+from .registry import META_ARCH_REGISTRY
 
 
 def build_model(cfg, backbone=None) -> torch.nn.Module:
-    """Build ``MODEL.META_ARCHITECTURE`` from ``DETECTOR_REGISTRY`` on ``MODEL.DEVICE``.
+    """Build ``MODEL.META_ARCHITECTURE`` from ``META_ARCH_REGISTRY`` on ``MODEL.DEVICE``.
 
     Args:
         cfg: config (``MODEL.*``, ``INPUT.*``).
@@ -28,7 +28,21 @@ def build_model(cfg, backbone=None) -> torch.nn.Module:
     from . import meta_arch  # noqa: F401  (register built-ins)
     from .meta_arch.head_init import load_head_weights
 
-    model = DETECTOR_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg, backbone=backbone)
+    model = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)(cfg, backbone=backbone)
     if cfg.MODEL.HEAD_INIT:
         load_head_weights(model, cfg.MODEL.HEAD_INIT, bool(cfg.MODEL.TRUST_CHECKPOINTS))
     return model.to(torch.device(cfg.MODEL.DEVICE))
+
+
+def backbone_init_key(meta_architecture: str) -> str:
+    """The config key through which ``meta_architecture`` initialises its backbone from another
+    detector's checkpoint (the pipeline's ``backbone_init`` stage sets it on every later stage),
+    or ``""`` when the family has none. A builder declares it as its ``backbone_init_key``
+    attribute (RF-DETR: ``MODEL.RFDETR.BACKBONE_INIT``).
+
+    Raises:
+        RegistryError: unknown meta-architecture (lists the registered names).
+    """
+    from . import meta_arch  # noqa: F401  (register built-ins)
+
+    return str(getattr(META_ARCH_REGISTRY.get(meta_architecture), "backbone_init_key", ""))

@@ -108,6 +108,16 @@ Contract (torchvision and detectron2 at once), see :class:`mdkd_det.modeling.bac
 every map, and ``output_shape() -> {name: ShapeSpec(channels, stride)}``.
 """
 
-DETECTOR_REGISTRY = Registry("DETECTOR", entry_point_group="mdkd_det.detectors")
-DETECTOR_REGISTRY.__doc__ = """Detectors: ``builder(cfg, backbone=None) -> nn.Module`` (torchvision API:
+META_ARCH_REGISTRY = Registry("META_ARCH", entry_point_group="mdkd_det.detectors")
+META_ARCH_REGISTRY.__doc__ = """Meta-architectures (``MODEL.META_ARCHITECTURE``: detectors, segmenters,
+classifiers; detectron2's name): ``builder(cfg, backbone=None) -> nn.Module`` (torchvision API:
 ``model(images, targets)`` -> loss dict in train mode, list of detections in eval mode)."""
+
+
+def __getattr__(name):  # PEP 562: deprecated names (issue 14), one release
+    if name == "DETECTOR_REGISTRY":
+        import warnings
+
+        warnings.warn("DETECTOR_REGISTRY is deprecated: use META_ARCH_REGISTRY", DeprecationWarning, stacklevel=2)
+        return META_ARCH_REGISTRY
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -8,7 +8,8 @@ stage              what                                                         
 backbone_init      optional (``PIPELINE.ITERS.BACKBONE_INIT`` > 0; RF-DETR CPU         DefaultTrainer
                    protocol): a ``PIPELINE.BACKBONE_INIT_ARCH`` detector on the target
                    whose backbone initialises every non-fusion stage
-                   (``MODEL.RFDETR.BACKBONE_INIT``); not a table row
+                   (the family's ``backbone_init_key``, RF-DETR:
+                   ``MODEL.RFDETR.BACKBONE_INIT``); not a table row
 multi_head         shared backbone, one RPN+RoI head per dataset (C38)            MultiHeadTrainer
 dataset_specific   student architecture on the target alone (C37)                 DefaultTrainer
 target_teacher     teacher architecture on the target alone (C1, Eq. 8)           DefaultTrainer
@@ -71,11 +72,12 @@ import time
 from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 from ..config import CfgNode, get_cfg
-from ..engine import comm
 from ..engine.checkpointer import atomic_write_text
 from ..engine.defaults import DefaultTrainer, dataset_output_name
+from ..modeling.build import backbone_init_key
 from ..tasks import get_task
 from ..tasks.base import row_values
+from ..utils import comm
 from ..utils.errors import ConfigError
 
 logger = logging.getLogger("mdkd_det.pipeline")
@@ -201,8 +203,9 @@ class PipelineRunner:
         c.SEED = seed
         c.DATASETS.TEST = (self.eval_dataset,)
         teacher_bb = c.PIPELINE.TEACHER_BACKBONE
-        if self._backbone_init_iters() and stage != "backbone_init":
-            c.MODEL.RFDETR.BACKBONE_INIT = os.path.join(self.stage_dir("backbone_init"), "model_final.pth")
+        if self._backbone_init_iters() and stage != "backbone_init":  # the family says where (RF-DETR)
+            _set_key(c, backbone_init_key(c.MODEL.META_ARCHITECTURE),
+                     os.path.join(self.stage_dir("backbone_init"), "model_final.pth"))
         if stage == "backbone_init":
             c.MODEL.META_ARCHITECTURE = c.PIPELINE.BACKBONE_INIT_ARCH
             c.SOLVER.MAX_ITER = self._backbone_init_iters()
@@ -275,11 +278,22 @@ class PipelineRunner:
         return c
 
     def _backbone_init_iters(self) -> int:
+        """``PIPELINE.ITERS.BACKBONE_INIT``.
+
+        Raises:
+            ConfigError: > 0 while ``PIPELINE.BACKBONE_INIT_ARCH`` equals ``MODEL.META_ARCHITECTURE``
+                or while that family takes no backbone initialisation
+                (:func:`~mdkd_det.modeling.build.backbone_init_key`).
+        """
         n = int(self.cfg.PIPELINE.ITERS.BACKBONE_INIT)
-        if n and self.cfg.PIPELINE.BACKBONE_INIT_ARCH == self.cfg.MODEL.META_ARCHITECTURE:
+        arch = self.cfg.MODEL.META_ARCHITECTURE
+        if n and self.cfg.PIPELINE.BACKBONE_INIT_ARCH == arch:
             raise ConfigError("PIPELINE.ITERS.BACKBONE_INIT > 0 trains a PIPELINE.BACKBONE_INIT_ARCH "
                               "detector to initialise another family's backbone; it equals "
-                              f"MODEL.META_ARCHITECTURE ('{self.cfg.MODEL.META_ARCHITECTURE}')")
+                              f"MODEL.META_ARCHITECTURE ('{arch}')")
+        if n and not backbone_init_key(arch):
+            raise ConfigError(f"PIPELINE.ITERS.BACKBONE_INIT > 0: MODEL.META_ARCHITECTURE '{arch}' takes no "
+                              "backbone initialisation (its builder declares no backbone_init_key)")
         return n
 
     def stage_dir(self, stage: str, source: Optional[str] = None, seed: Optional[int] = None) -> str:
@@ -791,6 +805,15 @@ FINGERPRINT_IGNORED = ("OUTPUT_DIR", "LOG_PERIOD", "DATALOADER.NUM_WORKERS", "SO
 #: reruns when an upstream stage was retrained.
 FINGERPRINT_FILES = ("MODEL.WEIGHTS", "KD.TEACHER_WEIGHTS", "FUSION.TEACHERS", "FUSION.EXTRA_TEACHERS",
                      "MODEL.RFDETR.PRETRAIN_WEIGHTS", "MODEL.RFDETR.BACKBONE_INIT", "MODEL.HEAD_INIT")
+
+
+def _set_key(cfg: CfgNode, dotted_key: str, value) -> None:
+    """``cfg.<dotted_key> = value`` (an existing key of the unfrozen ``cfg``)."""
+    *parents, last = dotted_key.split(".")
+    node = cfg
+    for p in parents:
+        node = node[p]
+    node[last] = value
 
 
 def _flatten(node, prefix: str = "") -> Dict[str, object]:

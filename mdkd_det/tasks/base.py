@@ -34,9 +34,6 @@ class Task:
             better.
         row_metrics: metrics written to each ``results.json`` row, in column order.
         metric_titles: column title of each row metric in ``results.md`` (units included).
-        num_classes_key: config key of the model's class count that bounds the records'
-            annotation ``category_id`` (``[0, NUM_CLASSES)``), checked on the training set before
-            training; ``""`` = no such check.
     """
 
     name: str = ""
@@ -44,7 +41,6 @@ class Task:
     primary_metric: str = ""
     row_metrics: Tuple[str, ...] = ()
     metric_titles: Mapping[str, str] = {}
-    num_classes_key: str = ""
 
     @property
     def best_metric(self) -> str:
@@ -52,12 +48,10 @@ class Task:
         return f"{self.result_key}/{self.primary_metric}"
 
     def build_mapper(self, cfg, is_train: bool) -> Callable:
-        """``mapper(record, seed=None) -> dict`` producing one model input."""
+        """``mapper(record, seed=None) -> dict`` producing one model input; the engine hands it
+        to the data loaders. A ``num_classes_key`` attribute on the mapper (config key of the
+        model's class count) makes the train loader check the records' ``category_id``."""
         raise NotImplementedError
-
-    def register_datasets(self, cfg) -> None:
-        """Register the task's config-dependent dataset names in the catalog (called by
-        :func:`~mdkd_det.data.build.get_dataset_records` before loading). Default: none."""
 
     def check_dataset(self, cfg, dataset_name: str) -> None:
         """Raise :class:`~mdkd_det.utils.errors.ConfigError` when ``dataset_name`` does not fit

@@ -19,7 +19,7 @@ import torch
 from ..data.catalog import MetadataCatalog
 from ..data.io import read_image
 from ..data.transforms import build_augmentation
-from ..engine import comm
+from ..utils import comm
 from ..utils.errors import ConfigError, DatasetError
 from .base import TASK_REGISTRY, Task
 
@@ -129,12 +129,6 @@ class ClassificationTask(Task):
     def build_mapper(self, cfg, is_train: bool) -> ClassificationMapper:
         """:class:`ClassificationMapper`."""
         return ClassificationMapper(cfg, is_train)
-
-    def register_datasets(self, cfg) -> None:
-        """Register the lesion-patch names for ``DATASETS.LESION_PATCH`` (built on first use)."""
-        from ..data.datasets.lesion_patch import register_lesion_patches
-
-        register_lesion_patches(cfg)
 
     def check_dataset(self, cfg, dataset_name: str) -> None:
         """Raise ConfigError if the dataset's class count differs from

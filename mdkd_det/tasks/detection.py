@@ -14,7 +14,7 @@ import torch
 
 from ..data.catalog import MetadataCatalog
 from ..data.mapper import DatasetMapper
-from ..engine import comm
+from ..utils import comm
 from ..utils.errors import ConfigError
 from .base import TASK_REGISTRY, Task
 
@@ -75,7 +75,6 @@ class DetectionTask(Task):
     primary_metric = "AP"
     row_metrics = ("AP", "AP50")
     metric_titles = {"AP": "mAP@[.5:.95]", "AP50": "mAP@.5"}
-    num_classes_key = "MODEL.ROI_HEADS.NUM_CLASSES"
 
     def build_mapper(self, cfg, is_train: bool) -> DatasetMapper:
         """:class:`DatasetMapper` (image [C, H, W] in [0, 1], boxes xyxy px, labels 1..K)."""

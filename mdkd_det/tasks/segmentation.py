@@ -84,7 +84,7 @@ class SegmentationTask(Task):
         """
         from ..data.build import build_detection_test_loader
         from ..data.seg_mapper import read_seg_record
-        from ..engine import comm
+        from ..utils import comm
         from ..evaluation import inference_on_dataset
         from ..evaluation.seg_metrics import SegEvaluator
 

@@ -1,1 +1,2 @@
-"""Small shared utilities: error families, data root, device helpers."""
+"""Small shared utilities: error families, data root, device helpers, process-group helpers
+(:mod:`.comm`)."""

@@ -270,3 +270,14 @@ def register_builtin(
     register_seg_datasets(reg_seg, root, split_seed)
     _state["key"] = key
     return list(BUILTIN_NAMES)
+
+
+def _register_builtin_unless_present() -> None:
+    """Register the built-in names under ``$MDKD_DATASETS`` on first use, unless some are
+    registered already (by :func:`register_builtin` with a config's root, or by the user).
+    Registration reads no file."""
+    if not any(n in DatasetCatalog for n in BUILTIN_NAMES):
+        register_builtin()
+
+
+DatasetCatalog.add_default_registration(_register_builtin_unless_present)

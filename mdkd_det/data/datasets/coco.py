@@ -395,3 +395,6 @@ def records_to_coco_dict(
         "annotations": annotations,
         "categories": categories,
     }
+
+
+DatasetCatalog.add_name_resolver(maybe_register_coco_spec)

@@ -44,6 +44,7 @@ import numpy as np
 from ...utils.errors import DatasetError
 from ..catalog import DatasetCatalog, MetadataCatalog
 from ..io import read_image
+from .records import load_dataset_records
 from .splits import split_by_patient
 
 __all__ = ["DOMAINS", "CLASSES", "build_lesion_patches", "default_patch_dir", "load_lesion_patches",
@@ -147,8 +148,6 @@ def build_lesion_patches(cfg, out_dir: str, overwrite: bool = False) -> str:
         DatasetError: a detection dataset is missing or unreadable (names the file), or a domain
             yields no patch.
     """
-    from ..build import get_dataset_records
-
     if os.path.isfile(os.path.join(out_dir, "manifest.json")) and not overwrite:
         return out_dir
     from ...utils.env import dataset_root
@@ -158,7 +157,7 @@ def build_lesion_patches(cfg, out_dir: str, overwrite: bool = False) -> str:
     rng = np.random.default_rng(p["seed"])
     images, labels, meta = [], [], []
     for domain, names in DOMAINS.items():
-        records = get_dataset_records(cfg, names)
+        records = load_dataset_records(cfg, names)
         if p["max_slices"] and len(records) > p["max_slices"]:
             keep = sorted(np.random.default_rng(p["seed"]).choice(len(records), p["max_slices"], replace=False))
             records = [records[i] for i in keep]

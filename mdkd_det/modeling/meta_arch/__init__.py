@@ -1,3 +1,3 @@
-"""Model builders (registered in ``DETECTOR_REGISTRY``): detectors and the image classifier."""
+"""Model builders (registered in ``META_ARCH_REGISTRY``): detectors and the image classifier."""
 
 from . import classifier, faster_rcnn, rfdetr, segmenter  # noqa: F401

@@ -7,7 +7,7 @@
 - train: ``model(images, targets) -> {"loss_cls": class-weighted CE}`` (paper Eq. 14);
 - eval: ``model(images) -> [{"scores": Tensor[K] softmax, "logits": Tensor[K]}]`` per image.
 
-Registered in ``DETECTOR_REGISTRY`` as ``"image_classifier"`` (the model registry; its builder
+Registered in ``META_ARCH_REGISTRY`` as ``"image_classifier"`` (the model registry; its builder
 follows the detectors' ``builder(cfg, backbone=None)``), so ``build_model``, the multi-head
 baseline (shared backbone, one head per dataset), Stage 1 (GRL on the backbone's last level),
 Stage 2 (``MODEL.BACKBONE.NAME "fusion"``: FA blocks over frozen teachers, a new head) and the
@@ -25,7 +25,7 @@ from torch import nn
 
 from ...utils.errors import ConfigError
 from ..backbone import Backbone, build_backbone
-from ..registry import DETECTOR_REGISTRY
+from ..registry import META_ARCH_REGISTRY
 
 logger = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def _train_labels(cfg) -> List[int]:
     return [int(r["label"]) for r in get_dataset_records(cfg, cfg.DATASETS.TRAIN, cfg.DATASETS.TRAIN_LIMIT)]
 
 
-@DETECTOR_REGISTRY.register("image_classifier")
+@META_ARCH_REGISTRY.register("image_classifier")
 def build_image_classifier(cfg, backbone: Optional[Backbone] = None) -> ImageClassifier:
     """Build an :class:`ImageClassifier` from ``cfg`` (``MODEL.BACKBONE.NAME``,
     ``MODEL.CLASSIFIER.*``, ``MODEL.PIXEL_MEAN/STD``).

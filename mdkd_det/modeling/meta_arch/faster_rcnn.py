@@ -17,7 +17,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from ..backbone import Backbone, build_backbone
-from ..registry import DETECTOR_REGISTRY
+from ..registry import META_ARCH_REGISTRY
 
 
 def _anchor_generator(cfg, backbone: Backbone) -> AnchorGenerator:
@@ -39,7 +39,7 @@ def _anchor_generator(cfg, backbone: Backbone) -> AnchorGenerator:
     return AnchorGenerator(sizes=tuple(sizes), aspect_ratios=tuple(ratios))
 
 
-@DETECTOR_REGISTRY.register("faster_rcnn")
+@META_ARCH_REGISTRY.register("faster_rcnn")
 def build_faster_rcnn(cfg, backbone: Backbone | None = None) -> nn.Module:
     """Build a torchvision ``FasterRCNN`` from ``cfg`` (detector registry entry "faster_rcnn").
 

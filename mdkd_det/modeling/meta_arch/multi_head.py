@@ -2,7 +2,7 @@
 
 "Share a common backbone across datasets with dataset-specific detection heads": one
 :class:`~mdkd_det.modeling.backbone.Backbone` instance is shared by D models (one per dataset),
-each built by the ``MODEL.META_ARCHITECTURE`` builder of ``DETECTOR_REGISTRY`` with
+each built by the ``MODEL.META_ARCHITECTURE`` builder of ``META_ARCH_REGISTRY`` with
 ``backbone=shared``: torchvision ``FasterRCNN`` heads (RPN + RoI head per dataset), UNet
 decoders (``"unet"`` / ``"tresunet"``) or image classifiers (``"image_classifier"``). The
 shared backbone receives the gradients of every dataset.
@@ -11,11 +11,12 @@ shared backbone receives the gradients of every dataset.
 ``strict=True`` into a plain detector built from the same config), usable by ``do_test`` and
 exportable as a Stage-1/baseline checkpoint.
 
-The heads are built by the ``DETECTOR_REGISTRY`` builder of ``MODEL.META_ARCHITECTURE`` (the
-name is historical: ``"rfdetr"`` gives one RF-DETR decoder + heads per dataset on the shared
-backbone, the RF-DETR multi-head baseline of Table 17).
+The heads are built by the ``META_ARCH_REGISTRY`` builder of ``MODEL.META_ARCHITECTURE``
+(``"rfdetr"`` gives one RF-DETR decoder + heads per dataset on the shared backbone, the RF-DETR
+multi-head baseline of Table 17). ``MultiHeadFasterRCNN`` is a deprecated alias of
+:class:`MultiHeadModel` (renamed in issue 14: it builds every family's heads).
 
-Not registered in ``DETECTOR_REGISTRY``: the builder needs the list of datasets, which the
+Not registered in ``META_ARCH_REGISTRY``: the builder needs the list of datasets, which the
 registry's ``builder(cfg, backbone=None)`` contract does not carry.
 """
 
@@ -28,9 +29,9 @@ from torch import nn
 
 from ...utils.errors import ConfigError
 from ..backbone import Backbone, build_backbone
-from ..registry import DETECTOR_REGISTRY
+from ..registry import META_ARCH_REGISTRY
 
-__all__ = ["MultiHeadFasterRCNN", "head_key"]
+__all__ = ["MultiHeadModel", "head_key"]
 
 
 def head_key(name: str) -> str:
@@ -40,8 +41,9 @@ def head_key(name: str) -> str:
     return key if key and not key[0].isdigit() else f"d_{key}"
 
 
-class MultiHeadFasterRCNN(nn.Module):
-    """One shared backbone, one torchvision ``FasterRCNN`` (RPN + RoI heads) per dataset (C38).
+class MultiHeadModel(nn.Module):
+    """One shared backbone, one ``MODEL.META_ARCHITECTURE`` model per dataset (C38): torchvision
+    ``FasterRCNN`` (RPN + RoI heads), RF-DETR decoder + heads, UNet decoder or classifier head.
 
     Args:
         cfg: config (MODEL.*, INPUT.*) used for every head.
@@ -66,19 +68,19 @@ class MultiHeadFasterRCNN(nn.Module):
         super().__init__()
         names = [str(n) for n in ([dataset_names] if isinstance(dataset_names, str) else dataset_names)]
         if not names:
-            raise ConfigError("MultiHeadFasterRCNN: dataset_names is empty (one head per dataset)")
+            raise ConfigError("MultiHeadModel: dataset_names is empty (one head per dataset)")
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
-            raise ConfigError(f"MultiHeadFasterRCNN: dataset names {dup} are listed more than once")
+            raise ConfigError(f"MultiHeadModel: dataset names {dup} are listed more than once")
         keys = [head_key(n) for n in names]
         clash = sorted({k for k in keys if keys.count(k) > 1})
         if clash:
-            raise ConfigError(f"MultiHeadFasterRCNN: dataset names {names} map to the same module key(s) {clash}")
+            raise ConfigError(f"MultiHeadModel: dataset names {names} map to the same module key(s) {clash}")
         shared = backbone if backbone is not None else build_backbone(cfg)
         self.dataset_names: List[str] = names
         self._keys: Dict[str, str] = dict(zip(names, keys))
         # Any registered model taking ``backbone=``: Faster R-CNN heads, or seg decoders (C38).
-        build = DETECTOR_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
+        build = META_ARCH_REGISTRY.get(cfg.MODEL.META_ARCHITECTURE)
         self.detectors = nn.ModuleDict({self._keys[n]: build(cfg, backbone=shared) for n in names})
 
     @property
@@ -99,7 +101,7 @@ class MultiHeadFasterRCNN(nn.Module):
         """
         name = self.dataset_names[0] if name is None else str(name)
         if name not in self._keys:
-            raise ConfigError(f"MultiHeadFasterRCNN has no head for dataset '{name}'; "
+            raise ConfigError(f"MultiHeadModel has no head for dataset '{name}'; "
                               f"heads: {self.dataset_names}")
         return self.detectors[self._keys[name]]
 
@@ -110,3 +112,12 @@ class MultiHeadFasterRCNN(nn.Module):
             ConfigError: unknown ``dataset``.
         """
         return self.head(dataset)(images, targets)
+
+
+def __getattr__(name):  # PEP 562: deprecated names (issue 14), one release
+    if name == "MultiHeadFasterRCNN":
+        import warnings
+
+        warnings.warn("MultiHeadFasterRCNN is deprecated: use MultiHeadModel", DeprecationWarning, stacklevel=2)
+        return MultiHeadModel
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

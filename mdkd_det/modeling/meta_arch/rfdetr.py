@@ -39,7 +39,7 @@ from ...utils.checkpoint_io import load_checkpoint_file
 from ...utils.errors import CheckpointError, ConfigError
 from ..backbone import Backbone, build_backbone
 from ..backbone.rfdetr_dinov2 import RFDETRDinoV2Backbone, import_rfdetr, rfdetr_model_config
-from ..registry import DETECTOR_REGISTRY
+from ..registry import META_ARCH_REGISTRY
 from .rfdetr_boxes import LABEL_OFFSET, to_rfdetr_targets
 
 __all__ = ["RFDETRDetector", "RFDETRTransform", "LevelSelect", "FeatureBridge", "build_rfdetr",
@@ -277,7 +277,7 @@ def _load_pretrained(model: RFDETRDetector, path: str, trust: bool = False) -> N
                 path, len(keep), len(mapped) - len(keep))
 
 
-@DETECTOR_REGISTRY.register("rfdetr")
+@META_ARCH_REGISTRY.register("rfdetr")
 def build_rfdetr(cfg, backbone: Optional[Backbone] = None) -> RFDETRDetector:
     """Build an RF-DETR from ``cfg`` (detector registry entry ``"rfdetr"``).
 
@@ -332,3 +332,7 @@ def build_rfdetr(cfg, backbone: Optional[Backbone] = None) -> RFDETRDetector:
     if cfg.MODEL.RFDETR.PRETRAIN_WEIGHTS:
         _load_pretrained(model, cfg.MODEL.RFDETR.PRETRAIN_WEIGHTS, trust)
     return model
+
+
+#: RF-DETR takes the pipeline's ``backbone_init`` checkpoint here (:func:`~mdkd_det.modeling.build.backbone_init_key`).
+build_rfdetr.backbone_init_key = "MODEL.RFDETR.BACKBONE_INIT"

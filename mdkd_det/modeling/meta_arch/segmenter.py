@@ -1,4 +1,4 @@
-"""Encoder-decoder segmenters "unet" and "tresunet" (paper §4.2) in ``DETECTOR_REGISTRY``.
+"""Encoder-decoder segmenters "unet" and "tresunet" (paper §4.2) in ``META_ARCH_REGISTRY``.
 
 The model follows the detectors' train/eval contract, so the shared trainers, hooks, KD mixin
 and pipeline run it unchanged:
@@ -27,7 +27,7 @@ from torch import nn
 
 from ...utils.errors import ConfigError
 from ..backbone import Backbone, build_backbone
-from ..registry import DETECTOR_REGISTRY
+from ..registry import META_ARCH_REGISTRY
 from ..seg.decoder import UNetDecoder
 from ..seg.losses import seg_task_losses
 
@@ -103,7 +103,7 @@ def _build(cfg, block: str, backbone: Optional[Backbone]) -> EncoderDecoderSegme
                                    loss=str(cfg.MODEL.SEG.LOSS), smooth=float(cfg.MODEL.SEG.DICE_SMOOTH))
 
 
-@DETECTOR_REGISTRY.register("unet")
+@META_ARCH_REGISTRY.register("unet")
 def build_unet(cfg, backbone: Optional[Backbone] = None) -> EncoderDecoderSegmenter:
     """UNet (``unet_encoder`` + double-conv decoder); ``backbone`` overrides (e.g. fusion).
 
@@ -113,7 +113,7 @@ def build_unet(cfg, backbone: Optional[Backbone] = None) -> EncoderDecoderSegmen
     return _build(cfg, "unet", backbone)
 
 
-@DETECTOR_REGISTRY.register("tresunet")
+@META_ARCH_REGISTRY.register("tresunet")
 def build_tresunet(cfg, backbone: Optional[Backbone] = None) -> EncoderDecoderSegmenter:
     """TResUNet (``tresunet_encoder`` + residual decoder, §4.2); ``backbone`` overrides.
 

@@ -64,3 +64,24 @@ def test_scaling_plot_writes_a_png(tmp_path):
     path = tmp_path / "scaling.png"
     B.scaling_plot(rows, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_interleave_reverses_the_order_every_round():
+    calls = []
+    fns = {k: (lambda k=k: calls.append(k)) for k in "abc"}
+    times = B._interleave(fns, iters=3, warmup=1)
+    assert calls == list("abc") + list("abc") + list("cba") + list("abc")
+    assert {k: len(v) for k, v in times.items()} == {"a": 3, "b": 3, "c": 3}
+
+
+def test_peak_gflops_shrinks_the_matmul_to_its_time_budget(monkeypatch):
+    sizes = []
+    import torch
+
+    def randn(*shape, **kw):
+        sizes.append(shape[0])
+        return torch.ones(*shape, **kw)
+
+    monkeypatch.setattr(torch, "randn", randn)
+    assert B.peak_gflops("float32", n=1024, repeats=2, budget_s=1e-9) > 0  # nothing fits: 256
+    assert set(sizes) == {256}

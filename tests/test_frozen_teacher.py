@@ -144,6 +144,24 @@ def test_build_fusion_backbone_reads_frozen_teacher_config():
     assert build_fusion_backbone(cfg).runtime.fold_bn is True
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_bf16_switch_runs_only_where_the_cpu_has_native_bf16(monkeypatch, caplog, native):
+    """FROZEN_TEACHER.BF16 on an AVX2-only CPU (emulated bf16, 6x slower there) falls back to
+    fp32 with one warning (D11.1); with native bf16 it is kept."""
+    import mdkd_det.modeling.frozen_teacher as ft
+
+    monkeypatch.setattr(ft, "cpu_has_native_bf16", lambda: native)
+    ft._warn_no_native_bf16.cache_clear()
+    cfg = get_cfg()
+    cfg.FROZEN_TEACHER.BF16 = True
+    with caplog.at_level("WARNING", logger=ft.__name__):
+        assert TeacherRuntime.from_config(cfg).bf16 is native
+        TeacherRuntime.from_config(cfg)
+    assert sum("FROZEN_TEACHER.BF16 ignored" in r.message for r in caplog.records) == (0 if native else 1)
+    cfg.FROZEN_TEACHER.BF16 = False
+    assert TeacherRuntime.from_config(cfg).bf16 is False
+
+
 def test_kd_teacher_inputs_unchanged_by_runtime(tmp_path):
     cfg = tiny_cfg(tmp_path / "s")
     tcfg = tiny_cfg(tmp_path / "t", **{"MODEL.FPN.OUT_CHANNELS": 64})

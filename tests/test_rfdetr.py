@@ -202,7 +202,8 @@ def test_kd_step_all_terms_with_paired_queries():
 
 def test_kd_identical_teacher_gives_zero_clskd_roikd_and_identity_pairing():
     """A teacher that is a copy of the student: every student query pairs with the same teacher
-    query (A10) and ClsKD / ROIKD are exactly 0; a perturbed teacher gives non-zero terms."""
+    query (A10) and ClsKD / ROIKD are 0 (to float rounding); a perturbed teacher gives non-zero
+    terms."""
     import copy
 
     from mdkd_det.distill.distiller import freeze_teacher
@@ -236,10 +237,13 @@ def test_kd_identical_teacher_gives_zero_clskd_roikd_and_identity_pairing():
             order = torch.argsort(b * q + si)
             assert b[order].tolist() == [i // q for i in range(2 * q)]
             assert ti[order].tolist() == si[order].tolist() == list(range(q)) * 2  # identity pairing
-            assert torch.equal(t_in.region_logits, s_in.region_logits)
-            assert torch.equal(t_in.region_embeddings, s_in.region_embeddings)
+            # equal to float rounding: the teacher runs without autograd (inference_mode) and the
+            # student with it, and oneDNN may pick other kernels for the two (seen on an AVX2 CPU)
+            torch.testing.assert_close(t_in.region_logits, s_in.region_logits.detach(), rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(t_in.region_embeddings, s_in.region_embeddings.detach(),
+                                       rtol=1e-5, atol=1e-5)
             assert isinstance(distiller.roi_connector, torch.nn.Identity)  # equal widths: no connector
-    assert terms["copy"] == {"loss_ClsKD": 0.0, "loss_ROIKD": 0.0}
+    assert terms["copy"] == pytest.approx({"loss_ClsKD": 0.0, "loss_ROIKD": 0.0}, abs=1e-6)
     assert terms["perturbed"]["loss_ClsKD"] > 1e-4  # the zero above is not a constant
 
 

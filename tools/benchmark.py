@@ -6,7 +6,7 @@ the tests). Figures and commands: docs/benchmarks.md.
 Each measurement group runs in its own spawned process (so its peak RSS is its own) with
 ``--threads`` torch threads, on the same model architecture and the same real batch of LungCT
 slices (``--config-file``, default the demo config). Inside a group the compared steps are
-interleaved, A B C A B C ..., and every ratio is the median over rounds of the per-round ratio
+interleaved, A B C, C B A, A B C, ... (order reversed every round), and every ratio is the median over rounds of the per-round ratio
 (both steps timed within seconds of each other, so machine load mostly cancels), printed with
 its interquartile range ``<key>_iqr`` = [q1, q3].
 
@@ -64,7 +64,8 @@ DEFAULT_CONFIG = "configs/LungCT/faster_rcnn_R18_FPN_demo.yaml"
 DETECTOR_CONFIGS = {"faster_rcnn": DEFAULT_CONFIG, "rfdetr": "configs/LungCT/mdkd_rfdetr_nano_demo.yaml"}
 #: every FROZEN_TEACHER speed switch on (FOLD_BN, CHANNELS_LAST and BF16 are off by default
 #: because they are not bitwise; BF16's AP effect on the LungCT teachers was measured below
-#: 0.2 points, docs/benchmarks.md "bf16 teacher AP").
+#: 0.2 points, docs/benchmarks.md "bf16 teacher AP"). BF16 takes effect only on a CPU with
+#: native bf16 (TeacherRuntime.from_config; the JSON's ``teacher_bf16`` says whether it ran).
 SWITCHES_ON = ["FROZEN_TEACHER.FOLD_BN", True, "FROZEN_TEACHER.CHANNELS_LAST", True,
                "FROZEN_TEACHER.INFERENCE_MODE", True, "FROZEN_TEACHER.BF16", True]
 #: every FROZEN_TEACHER switch off: the teacher as it ran before issue 11.
@@ -125,15 +126,16 @@ def _peak_mb() -> float:
 
 
 def _interleave(fns: dict, iters: int, warmup: int) -> dict:
-    """Per-round wall times ``{name: [s, ...]}`` of the callables run A B C A B C ..."""
+    """Per-round wall times ``{name: [s, ...]}`` of the callables run A B C, C B A, A B C, ...
+    (the order reverses every round, so no callable always runs first or after the same one)."""
     for _ in range(warmup):
         for f in fns.values():
             f()
     times = {k: [] for k in fns}
-    for _ in range(iters):
-        for k, f in fns.items():
+    for i in range(iters):
+        for k in (list(fns) if i % 2 == 0 else list(fns)[::-1]):
             t = time.perf_counter()
-            f()
+            fns[k]()
             times[k].append(time.perf_counter() - t)
     return times
 
@@ -192,20 +194,48 @@ def _flops(fn) -> float:
     return float(counter.get_total_flops())
 
 
-def peak_gflops(dtype_name: str, n: int = 2048, repeats: int = 8) -> float:
+def peak_gflops(dtype_name: str, n: int = 2048, repeats: int = 8, budget_s: float = 10.0) -> float:
     """Best GFLOP/s of ``repeats`` ``n x n`` matmuls in ``dtype_name`` ("float32"/"bfloat16"):
-    the machine's attainable peak for dense compute, measured in this process."""
+    the machine's attainable peak for dense compute, measured in this process. A first 256^2
+    matmul estimates the rate; where the full size would take longer than ``budget_s`` in all
+    (bf16 emulated on an AVX2 CPU runs at ~0.2 GFLOP/s) ``n`` halves until it fits."""
     import torch
 
     dtype = getattr(torch, dtype_name)
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    a @ b  # warm-up (oneDNN / MKL kernel selection)
-    best = 0.0
-    for _ in range(repeats):
-        t = time.perf_counter()
-        a @ b
-        best = max(best, 2.0 * n ** 3 / (time.perf_counter() - t) / 1e9)
-    return best
+
+    def best(m: int, reps: int) -> float:
+        a, b = torch.randn(m, m).to(dtype), torch.randn(m, m).to(dtype)
+        a @ b  # warm-up (oneDNN / MKL kernel selection)
+        top = 0.0
+        for _ in range(reps):
+            t = time.perf_counter()
+            a @ b
+            top = max(top, 2.0 * m ** 3 / max(time.perf_counter() - t, 1e-9) / 1e9)
+        return top
+
+    est = best(256, 1)
+    while n > 256 and repeats * 2.0 * n ** 3 / (est * 1e9) > budget_s:
+        n //= 2
+    return max(est, best(n, repeats))
+
+
+def machine() -> dict:
+    """What the ratios depend on: torch's CPU capability (``AVX2``, ``AVX512``...), whether bf16
+    is native (:func:`mdkd_det.utils.device.cpu_has_native_bf16`) and the CPU model name."""
+    import platform
+
+    import torch
+
+    from mdkd_det.utils.device import cpu_has_native_bf16
+
+    name = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), name)
+    except OSError:
+        pass
+    return {"model": name, "capability": torch.backends.cpu.get_cpu_capability(),
+            "native_bf16": cpu_has_native_bf16(), "threads": torch.get_num_threads()}
 
 
 def group_dataset_specific(args) -> dict:
@@ -300,6 +330,8 @@ def group_steps(args) -> dict:
     _setup(args)
     from mdkd_det.engine.defaults import build_model
 
+    from mdkd_det.modeling.frozen_teacher import TeacherRuntime
+
     cfg = _cfg(args, SWITCHES_ON)
     cfg_off = _cfg(args, SWITCHES_OFF)
     batch = _batch(cfg, int(cfg.SOLVER.IMS_PER_BATCH))
@@ -322,7 +354,7 @@ def group_steps(args) -> dict:
         lat = _interleave({"student": lambda: student(img), "baseline": lambda: baseline(img)},
                           args["iters"] * 2, args["warmup"])
     return {"times": t, "latency": lat, "flops": flops, "peak_gflops": peak,
-            "teacher_bf16": bool(cfg.FROZEN_TEACHER.BF16), "peak_mem_mb": _peak_mb()}
+            "teacher_bf16": TeacherRuntime.from_config(cfg).bf16, "peak_mem_mb": _peak_mb()}
 
 
 def group_student(args) -> dict:
@@ -521,6 +553,7 @@ def summarize(raw: dict) -> dict:
             "joint_teacher": f["joint"] / _med(t["joint"]) / 1e9 / peak["float32"]}
         out["teacher_fraction_of_peak"] = f["teacher"] / _med(t["teacher"]) / 1e9 / \
             peak["bfloat16" if s["teacher_bf16"] else "float32"]
+        out["teacher_bf16"] = s["teacher_bf16"]
     if "student" in raw:
         t = raw["student"]["times"]
         out["student_variants"] = {}
@@ -537,6 +570,7 @@ def summarize(raw: dict) -> dict:
         e = raw["eval"]
         out["eval_speed_ratio"] = e["faster_coco_eval_s"] / e["pycocotools_s"]
     out["peak_mem_mb"] = {g: r["peak_mem_mb"] for g, r in raw.items() if "peak_mem_mb" in r}
+    out["cpu"] = machine()
     return out
 
 

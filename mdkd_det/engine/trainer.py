@@ -40,7 +40,7 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional
 
 import torch
 
-from ..utils.device import model_device, to_device
+from ..utils.device import cpu_has_native_bf16, model_device, to_device
 
 from ..utils.errors import ConfigError, DatasetError
 from ..utils import comm
@@ -224,6 +224,9 @@ class SimpleTrainer(TrainerBase):
             elif self.device.type != "cpu":
                 raise ConfigError(f"SOLVER.AMP.ENABLED: mixed precision is supported on cpu/cuda, "
                                   f"not on device '{self.device}'")
+            elif not cpu_has_native_bf16():
+                logger.warning("SOLVER.AMP.ENABLED on a CPU without native bf16 (AVX512-BF16/AMX): bf16 is "
+                               "emulated here and the step is many times slower than fp32 (docs/benchmarks.md)")
         self.last_eval_results: Dict[str, Any] = {}
 
     # ---- override point ------------------------------------------------------------------

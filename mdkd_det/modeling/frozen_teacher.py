@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ import torch
 import torch.fx
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
+
+from ..utils.device import cpu_has_native_bf16
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +177,22 @@ def _map_tensors(obj: Any, fn) -> Any:
     return obj
 
 
+def _bf16_if_native(requested: bool) -> bool:
+    """``FROZEN_TEACHER.BF16`` as it can run here: on a CPU without native bf16
+    (:func:`~mdkd_det.utils.device.cpu_has_native_bf16`) bf16 is emulated and several times
+    SLOWER than fp32, so the switch is dropped with one warning (decision D11.1)."""
+    if requested and not cpu_has_native_bf16():
+        _warn_no_native_bf16()
+        return False
+    return requested
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_no_native_bf16() -> None:
+    logger.warning("FROZEN_TEACHER.BF16 ignored: this CPU has no native bf16 (AVX512-BF16/AMX), where "
+                   "bf16 is several times slower than fp32; the teacher runs in fp32")
+
+
 @dataclass(frozen=True)
 class TeacherRuntime:
     """Switches for preparing and running a frozen teacher (see the module docstring).
@@ -197,12 +216,13 @@ class TeacherRuntime:
 
     @classmethod
     def from_config(cls, cfg) -> "TeacherRuntime":
-        """From ``cfg.FROZEN_TEACHER`` (all off when the node is absent, e.g. detectron2 cfgs)."""
+        """From ``cfg.FROZEN_TEACHER`` (all off when the node is absent, e.g. detectron2 cfgs);
+        ``BF16`` only where the CPU has native bf16 (:func:`_bf16_if_native`)."""
         node = getattr(cfg, "FROZEN_TEACHER", None)
         if node is None:
             return cls()
         return cls(fold_bn=bool(node.FOLD_BN), channels_last=bool(node.CHANNELS_LAST),
-                   inference_mode=bool(node.INFERENCE_MODE), bf16=bool(node.BF16))
+                   inference_mode=bool(node.INFERENCE_MODE), bf16=_bf16_if_native(bool(node.BF16)))
 
     def prepare(self, module: nn.Module) -> nn.Module:
         """Fold BatchNorm and/or convert to channels_last, in place; ``module`` must already be

@@ -145,23 +145,47 @@ def setup_cfg(args) -> CfgNode:
     return cfg
 
 
+class _StdoutHandler(logging.StreamHandler):
+    """A ``StreamHandler`` that writes to whatever ``sys.stdout`` is at emit time, so a
+    replaced and closed stdout (pytest's capture, notebooks) is never written to."""
+
+    def __init__(self) -> None:
+        super().__init__(sys.stdout)
+
+    @property
+    def stream(self):
+        return sys.stdout
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__/setStream assign it; ignored
+        pass
+
+
 def default_setup(cfg: CfgNode, args=None) -> None:
-    """Create ``OUTPUT_DIR``, set up logging, seed RNGs, save the merged config (rank 0)."""
+    """Create ``OUTPUT_DIR``, set up logging, seed RNGs, save the merged config (rank 0).
+
+    Logging: one stdout handler for the process, and (rank 0) one ``OUTPUT_DIR/log.txt`` file
+    handler for the current run; a later call in the same process with another ``OUTPUT_DIR``
+    moves the file handler there."""
     os.makedirs(cfg.OUTPUT_DIR, exist_ok=True)
     rank = comm.get_rank()
     level = logging.INFO if rank == 0 else logging.WARNING
     fmt = logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%m/%d %H:%M:%S")
     root = logging.getLogger()
-    if not any(getattr(h, "_mdkd", False) for h in root.handlers):
-        h = logging.StreamHandler(sys.stdout)
+    if not any(isinstance(h, _StdoutHandler) for h in root.handlers):
+        h = _StdoutHandler()
         h.setFormatter(fmt)
-        h._mdkd = True
         root.addHandler(h)
-        if rank == 0:
-            fh = logging.FileHandler(os.path.join(cfg.OUTPUT_DIR, "log.txt"))
-            fh.setFormatter(fmt)
-            fh._mdkd = True
-            root.addHandler(fh)
+    log_file = os.path.abspath(os.path.join(cfg.OUTPUT_DIR, "log.txt"))
+    for h in [h for h in root.handlers if getattr(h, "_mdkd", False)]:
+        if h.baseFilename != log_file or rank != 0:
+            root.removeHandler(h)
+            h.close()
+    if rank == 0 and not any(getattr(h, "_mdkd", False) for h in root.handlers):
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(fmt)
+        fh._mdkd = True
+        root.addHandler(fh)
     root.setLevel(level)
     seed_all_rng(int(cfg.SEED) + rank)
     if rank == 0:

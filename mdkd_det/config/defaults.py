@@ -333,7 +333,9 @@ _C.FROZEN_TEACHER.INFERENCE_MODE = True
 # max). Measured harmless on the CPU protocol's LungCT teachers (with FOLD_BN + CHANNELS_LAST:
 # |AP change| <= 0.15 points on val and test, docs/benchmarks.md "bf16 teacher AP"); off by
 # default so finished runs and the bitwise joint-teacher start stay as they are. Fastest with
-# FOLD_BN and CHANNELS_LAST on (oneDNN's AMX kernels are NHWC).
+# FOLD_BN and CHANNELS_LAST on (oneDNN's AMX kernels are NHWC). Takes effect only on a CPU with
+# native bf16 (AVX512-BF16/AMX); elsewhere bf16 is emulated and ~6x slower, so it is dropped with
+# one warning (D11.1).
 _C.FROZEN_TEACHER.BF16 = False
 
 # --------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ outputs do not change:
   leaves the teacher (KD losses and fusion ops save their inputs).
 - ``bf16``: ``torch.autocast("cpu", torch.bfloat16)`` around the teacher forward; outputs are
   cast back to fp32 by :meth:`TeacherRuntime.release`. NOT exact: ~1 % max relative error of
-  the maps (bf16 has an 8-bit mantissa); off by default.
+  the maps (bf16 has an 8-bit mantissa); off by default, and only used on a CPU with native
+  bf16 (AVX512-BF16/AMX, D11.1).
 
 Config: ``FROZEN_TEACHER.{FOLD_BN, CHANNELS_LAST, INFERENCE_MODE, BF16}``.
 """

@@ -230,6 +230,42 @@ def test_installed_plugin_term_trains_in_kd_trainer(tmp_path, monkeypatch, data_
         sys.modules.pop("mdkd_toy_kd", None)
 
 
+@pytest.mark.timeout(900)
+def test_installed_plugin_term_trains_in_the_pipeline(tmp_path, monkeypatch, data_root):
+    """Issue 15 "done means": a plugin's term, named only in a config (an extra student row),
+    trains in ``tools/train_net.py``'s pipeline with no change to mdkd_det."""
+    import json
+    import sys
+
+    from mdkd_det.distill.kd_terms import KD_LOSS_REGISTRY
+    from mdkd_det.engine.cli import main
+
+    from _tiny import tiny_cfg
+
+    _install_plugin(tmp_path, monkeypatch)
+    try:
+        out = tmp_path / "mdkd"
+        cfg = tiny_cfg(out, max_iter=2, **{
+            "PIPELINE.ENABLED": True, "PIPELINE.SOURCES": "()",
+            "PIPELINE.STAGES": "('dataset_specific', 'target_teacher', 'joint_teacher', 'student')",
+            "PIPELINE.EXTRA_STUDENTS": repr(("+Toy: KD.W_TOY 2.0 KD.TOY.SCALE 3.0",)),
+            "PIPELINE.BOOTSTRAP_RESAMPLES": 20, "DATASETS.TRAIN_LIMIT": 4, "DATASETS.TEST_LIMIT": 2,
+            "TEST.VIS_NUM": 0, "KD.CF.SCHEDULE": "constant"})
+        cfg_file = tmp_path / "mdkd.yaml"
+        cfg_file.write_text(cfg.dump())
+        assert main(["--config-file", str(cfg_file)]) == 0
+        res = json.loads((out / "results.json").read_text())
+        assert {"student", "student_toy"} <= set(res["rows"])
+        rows = [json.loads(x) for x in (out / "student_toy" / "metrics.json").read_text().splitlines()]
+        toy = [r["loss_Toy"] for r in rows if "loss_Toy" in r]
+        assert len(toy) == 2 and all(v > 0 for v in toy)
+        assert "loss_Toy" not in (out / "student" / "metrics.json").read_text()
+        assert "| Student +Toy |" in (out / "results.md").read_text()
+    finally:
+        KD_LOSS_REGISTRY._obj_map.pop("toy", None)
+        sys.modules.pop("mdkd_toy_kd", None)
+
+
 def test_cmedl_preset_switches_on_hint_and_ctx_only():
     from mdkd_det.config import get_cfg
     from mdkd_det.distill.kd_terms import DEFAULT_TERMS, resolve_terms, term_weights

@@ -22,7 +22,8 @@ def test_quartiles_and_per_round_ratios():
 def _steps_raw():
     t = {"plain": [1.0, 2.0, 1.0], "kd": [1.3, 2.8, 1.4], "kd_off": [1.9, 3.8, 1.9],
          "teacher": [0.25, 0.6, 0.3], "teacher_off": [0.5, 1.2, 0.6],
-         "joint": [1.2, 2.4, 1.3], "joint_off": [1.6, 3.0, 1.6]}
+         "joint": [1.2, 2.4, 1.3], "joint_off": [1.6, 3.0, 1.6],
+         "kd_cached": [1.1, 2.0, 1.1], "kd_cache_miss": [1.5, 3.0, 1.5], "joint_cached": [1.05, 2.2, 1.1]}
     return {"times": t, "latency": {"student": [0.1, 0.1], "baseline": [0.1, 0.1]},
             "flops": {"plain": 10e9, "kd": 20e9, "joint": 15e9, "teacher": 8e9},
             "peak_gflops": {"float32": 100.0, "bfloat16": 400.0}, "teacher_bf16": False,
@@ -36,6 +37,9 @@ def test_summarize_uses_the_one_plain_step_as_denominator():
     assert out["joint_teacher_step_ratio"] == pytest.approx(1.2)  # 1.2, 1.2, 1.3
     assert out["kd_floor_ratio"] == pytest.approx(2.8 / 2.6)  # 1.04, 1.0769, 1.0769
     assert out["teacher_forward_speedup"] == pytest.approx(2.0)
+    assert out["kd_step_cached_ratio"] == pytest.approx(1.1)  # 1.1, 1.0, 1.1
+    assert out["kd_step_cache_miss_ratio"] == pytest.approx(1.5)
+    assert out["joint_teacher_step_cached_ratio"] == pytest.approx(1.1)  # 1.05, 1.1, 1.1
     assert out["student_latency_ratio"] == 1.0
     assert out["plain_step_s"] == 1.0
     # FLOPs / median time / peak: plain 10 GFLOP / 1 s / 100 GFLOP/s

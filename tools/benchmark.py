@@ -20,6 +20,10 @@ training step timed in the ``steps`` group, is the denominator of every step rat
 - ``kd_floor_ratio``: KD step / (plain step + one frozen joint-teacher forward) (goal <= 1.05).
 - ``joint_teacher_step_ratio``: Stage-2 joint-teacher step over 3 frozen teachers / plain step
   (goal <= 1.3).
+- ``kd_step_cached_ratio``, ``joint_teacher_step_cached_ratio``: the same steps with
+  ``FROZEN_TEACHER.CACHE_DIR`` set and the teachers' maps of the batch already on disk (every
+  image seen before: the second epoch on); ``kd_step_cache_miss_ratio``: KD step with the cache
+  on and nothing stored (the first epoch: each image computed alone, D11.2).
 - ``kd_step_ratio_switches_off``, ``joint_teacher_step_ratio_switches_off``,
   ``teacher_forward_speedup``: the same steps with every ``FROZEN_TEACHER`` switch off (the
   code before issue 11), timed in the same rounds.
@@ -51,8 +55,10 @@ import json
 import multiprocessing as mp
 import os
 import resource
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
@@ -342,9 +348,22 @@ def group_steps(args) -> dict:
     jcfg_off, joint_off_model = _joint_teacher(cfg_off, 3)
     joint_off_model.load_state_dict(joint_model.state_dict())
     joint, joint_off = _trainer(joint_model, batch, jcfg), _trainer(joint_off_model, batch, jcfg_off)
+    # FROZEN_TEACHER.CACHE_DIR: warm (filled by the warm-up rounds) and always missing
+    cache_dir = tempfile.mkdtemp(prefix="mdkd_bench_cache_")
+    cfg_hit = _cfg(args, SWITCHES_ON + ["FROZEN_TEACHER.CACHE_DIR", os.path.join(cache_dir, "hit")])
+    cfg_miss = _cfg(args, SWITCHES_ON + ["FROZEN_TEACHER.CACHE_DIR", os.path.join(cache_dir, "miss"),
+                                         "FROZEN_TEACHER.CACHE_MAX_GB", 1e-9])
+    kd_cached = _kd_parts(cfg_hit, None, batch, 3)[0]
+    kd_miss = _kd_parts(cfg_miss, None, batch, 3)[0]
+    jcfg_hit, joint_hit_model = _joint_teacher(cfg_hit, 3)
+    joint_cached = _trainer(joint_hit_model, batch, jcfg_hit)
     fns = {"plain": plain, "kd": kd, "kd_off": kd_off, "teacher": tfwd, "teacher_off": tfwd_off,
-           "joint": joint, "joint_off": joint_off}
-    t = _interleave(fns, args["iters"], args["warmup"])
+           "joint": joint, "joint_off": joint_off, "kd_cached": kd_cached, "kd_cache_miss": kd_miss,
+           "joint_cached": joint_cached}
+    try:
+        t = _interleave(fns, args["iters"], args["warmup"])
+    finally:
+        shutil.rmtree(cache_dir, ignore_errors=True)
     flops = {k: _flops(fns[k]) for k in ("plain", "kd", "joint", "teacher")}
     peak = {d: peak_gflops(d) for d in ("float32", "bfloat16")}
     # inference latency: the KD-trained student (taps gone) vs a plain model with the SAME
@@ -538,6 +557,10 @@ def summarize(raw: dict) -> dict:
         put("kd_step_ratio", t["kd"], plain)
         put("kd_floor_ratio", t["kd"], [a + b for a, b in zip(plain, t["teacher"])])
         put("joint_teacher_step_ratio", t["joint"], plain)
+        if "kd_cached" in t:  # FROZEN_TEACHER.CACHE_DIR (D11.2)
+            put("kd_step_cached_ratio", t["kd_cached"], plain)
+            put("kd_step_cache_miss_ratio", t["kd_cache_miss"], plain)
+            put("joint_teacher_step_cached_ratio", t["joint_cached"], plain)
         put("kd_step_ratio_switches_off", t["kd_off"], plain)
         put("kd_floor_ratio_switches_off", t["kd_off"], [a + b for a, b in zip(plain, t["teacher_off"])])
         put("joint_teacher_step_ratio_switches_off", t["joint_off"], plain)

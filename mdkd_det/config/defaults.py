@@ -337,6 +337,17 @@ _C.FROZEN_TEACHER.INFERENCE_MODE = True
 # native bf16 (AVX512-BF16/AMX); elsewhere bf16 is emulated and ~6x slower, so it is dropped with
 # one warning (D11.1).
 _C.FROZEN_TEACHER.BF16 = False
+# Disk cache of the frozen teachers' per-image maps ("" = off): the Stage-2 FusionBackbone's
+# teachers and the Stage-3 KD teacher's backbone (not RF-DETR's Stage-3 teacher). A transformed
+# image seen again (next epoch, another seed or extra student row on the same teacher) costs a
+# disk read instead of a teacher forward. With it on every image is computed alone, so a hit
+# equals a miss bitwise (resume stays exact); equal to the batched forward to fp32 rounding.
+# Keyed by the teacher's weights and the exact input: one folder may serve every teacher.
+# mdkd_det/modeling/teacher_cache.py, decision D11.2.
+_C.FROZEN_TEACHER.CACHE_DIR = ""
+# Stop storing new maps when CACHE_DIR holds this many GB (fp32: ~5.6 MB per 256-px image for a
+# 256-channel FPN, per teacher) or the disk has under 1 GB free.
+_C.FROZEN_TEACHER.CACHE_MAX_GB = 10.0
 
 # --------------------------------------------------------------------------------------------
 # Stage 2: joint teacher on a FusionBackbone (paper §3.2; notes C8, C11, C12, A5, A20)

@@ -141,6 +141,7 @@ DOMAINS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "DATASETS.TRAIN_LIMIT": int_ge(0),
     "DATASETS.TEST_LIMIT": int_ge(0),
     "DATALOADER.NUM_WORKERS": int_ge(0),
+    "FROZEN_TEACHER.CACHE_MAX_GB": num_gt(0.0),
     # solver (iter, LR)
     "SOLVER.BASE_LR": num_gt(0.0),
     "SOLVER.MOMENTUM": num_in(0.0, 1.0, hi_open=True),

@@ -53,6 +53,9 @@ class TwoStageAdapter:
     :meth:`sampled_regions`; the teacher's RoI head runs through :func:`teacher_roi_outputs`.
     """
 
+    #: the teacher's maps come from ``teacher.backbone(batch)`` alone (FROZEN_TEACHER.CACHE_DIR)
+    teacher_backbone_cacheable = True
+
     cls_kind = "softmax"
     taps_preset: str = ""
 
@@ -176,6 +179,9 @@ class EncoderFeaturesAdapter:
     decoder output recorded; the teacher's decoder runs on its maps only when an active term
     reads ``pixel_logits`` (:attr:`kd_fields`), so the default KD step costs nothing more.
     """
+
+    #: the teacher's maps come from ``teacher.backbone(batch)`` alone (FROZEN_TEACHER.CACHE_DIR)
+    teacher_backbone_cacheable = True
 
     kd_fields: frozenset = frozenset()
 

@@ -60,6 +60,9 @@ class ImageClassifierAdapter:
         mode: ``"early"`` or ``"late"`` (``KD.CLS.LAYER_SELECTION``).
     """
 
+    #: the teacher's maps come from ``teacher.backbone(batch)`` alone (FROZEN_TEACHER.CACHE_DIR)
+    teacher_backbone_cacheable = True
+
     cls_kind = "softmax"
 
     def __init__(self, k: int = 3, mode: str = "late") -> None:

@@ -15,6 +15,7 @@ family is the adapter that produces :class:`KDInputs`.
 
 from __future__ import annotations
 
+import logging
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
@@ -23,9 +24,12 @@ from torch import nn
 from ..modeling.frozen_teacher import TeacherRuntime, freeze_teacher  # noqa: F401 (re-exported: old import path)
 from .adapters import KDInputs
 from ..modeling.shape_spec import match_levels_by_stride
+from ..modeling.teacher_cache import uncached
 from .connectors import LatentAlignmentHead, embedding_connector, feature_connector
 from .kd_terms import DEFAULT_TERMS, KDContext, get_term, resolve_terms
 from .views import photometric_views
+
+logger = logging.getLogger(__name__)
 
 #: loss-dict key of each of the paper's terms (registry name -> key), named as in the paper.
 TERM_KEYS = {name: get_term(name).key for name in DEFAULT_TERMS}
@@ -123,6 +127,18 @@ class Distiller(nn.Module):
         freeze_teacher(teacher)
         self.runtime = runtime or TeacherRuntime()
         self.runtime.prepare(teacher)
+        if self.runtime.cache_dir:
+            self._cache_teacher_backbone(teacher, adapter)
+
+    def _cache_teacher_backbone(self, teacher: nn.Module, adapter) -> None:
+        """Put the teacher's ``backbone`` behind the disk cache (``FROZEN_TEACHER.CACHE_DIR``)
+        when the adapter runs it on the student's batch (``teacher_backbone_cacheable``)."""
+        if not getattr(adapter, "teacher_backbone_cacheable", False):
+            logger.warning("FROZEN_TEACHER.CACHE_DIR: the %s adapter runs the whole teacher, whose "
+                           "maps are not cached", type(adapter).__name__)
+            return
+        t = teacher.module if hasattr(teacher, "module") else teacher
+        t.backbone = freeze_teacher(self.runtime.cached(t.backbone))
 
     @property
     def teacher(self) -> nn.Module:
@@ -175,7 +191,7 @@ class Distiller(nn.Module):
         for v in views:
             s_maps = backbone(v)
             with self.runtime.context():
-                t_maps = teacher.backbone(self.runtime.input(v))
+                t_maps = uncached(teacher.backbone)(self.runtime.input(v))  # views: seen once
                 t_vec = {tl: t_maps[tl].mean(dim=(2, 3)) for tl in self.level_pairs.values()}
             t_vec = self.runtime.release(t_vec)
             for i, (sl, tl) in enumerate(self.level_pairs.items()):

@@ -24,6 +24,7 @@ from ..config import CfgNode, get_cfg
 from ..config.validate import validate_config
 from ..data.build import build_detection_train_loader, get_dataset_records
 from ..modeling.build import build_model  # noqa: F401  (re-exported: engine.defaults.build_model)
+from ..modeling.teacher_cache import log_cache_stats
 from ..solver import build_lr_scheduler, build_optimizer
 from ..tasks import get_task
 from ..utils.errors import ConfigError
@@ -331,4 +332,5 @@ class DefaultTrainer:
         self._trainer = self.build_trainer(model, loader)
         self._trainer.register_hooks(self.build_hooks())
         self._trainer.train(self.start_iter, self.max_iter)
+        log_cache_stats()  # FROZEN_TEACHER.CACHE_DIR hit rate, when a cache is in use
         return getattr(self._trainer, "last_eval_results", {}) or {}

@@ -23,7 +23,12 @@ outputs do not change:
   the maps (bf16 has an 8-bit mantissa); off by default, and only used on a CPU with native
   bf16 (AVX512-BF16/AMX, D11.1).
 
-Config: ``FROZEN_TEACHER.{FOLD_BN, CHANNELS_LAST, INFERENCE_MODE, BF16}``.
+- ``cache_dir``: the teacher's per-image maps are stored on disk and read back when the same
+  transformed image comes again (:mod:`mdkd_det.modeling.teacher_cache`; D11.2). Each image is
+  computed alone, so hits and misses are bitwise equal; equal to the batched forward to fp32
+  rounding (5e-6).
+
+Config: ``FROZEN_TEACHER.{FOLD_BN, CHANNELS_LAST, INFERENCE_MODE, BF16, CACHE_DIR, CACHE_MAX_GB}``.
 """
 
 from __future__ import annotations
@@ -200,6 +205,8 @@ class TeacherRuntime:
 
     Attributes:
         fold_bn, channels_last, inference_mode, bf16: ``FROZEN_TEACHER.*``.
+        cache_dir, cache_max_gb: ``FROZEN_TEACHER.CACHE_DIR`` ("" = no cache) and
+            ``CACHE_MAX_GB`` (:meth:`cached`).
 
     Usage::
 
@@ -214,6 +221,8 @@ class TeacherRuntime:
     channels_last: bool = False
     inference_mode: bool = False
     bf16: bool = False
+    cache_dir: str = ""
+    cache_max_gb: float = 10.0
 
     @classmethod
     def from_config(cls, cfg) -> "TeacherRuntime":
@@ -223,7 +232,9 @@ class TeacherRuntime:
         if node is None:
             return cls()
         return cls(fold_bn=bool(node.FOLD_BN), channels_last=bool(node.CHANNELS_LAST),
-                   inference_mode=bool(node.INFERENCE_MODE), bf16=_bf16_if_native(bool(node.BF16)))
+                   inference_mode=bool(node.INFERENCE_MODE), bf16=_bf16_if_native(bool(node.BF16)),
+                   cache_dir=str(getattr(node, "CACHE_DIR", "")),
+                   cache_max_gb=float(getattr(node, "CACHE_MAX_GB", 10.0)))
 
     def prepare(self, module: nn.Module) -> nn.Module:
         """Fold BatchNorm and/or convert to channels_last, in place; ``module`` must already be
@@ -235,6 +246,17 @@ class TeacherRuntime:
         if self.channels_last:
             module.to(memory_format=torch.channels_last)
         return module
+
+    def cached(self, backbone: nn.Module) -> nn.Module:
+        """``backbone`` (prepared, frozen; ``backbone(x [B, C, H, W])`` -> ``OrderedDict`` of
+        maps) behind a :class:`~mdkd_det.modeling.teacher_cache.CachedBackbone` in
+        :attr:`cache_dir`, or unchanged when the cache is off."""
+        if not self.cache_dir:
+            return backbone
+        from .teacher_cache import CachedBackbone
+
+        return CachedBackbone(backbone, self.cache_dir, int(self.cache_max_gb * 1e9),
+                              tag=f"fold_bn={self.fold_bn} bf16={self.bf16}")
 
     @contextlib.contextmanager
     def context(self) -> Iterator[None]:

@@ -157,13 +157,15 @@ def _fsync_dir(d: str) -> None:
 
 
 @contextlib.contextmanager
-def atomic_open(path: str, binary: bool = True) -> Iterator[IO]:
+def atomic_open(path: str, binary: bool = True, durable: bool = True) -> Iterator[IO]:
     """Open ``path`` for writing so that it appears whole or not at all.
 
     Writes go to a temp file ``.<name>.<pid>.<hex>.tmp`` in the same directory (created if
     missing); on a clean exit of the ``with`` block it is flushed, ``fsync``-ed and moved over
     ``path`` with ``os.replace`` (atomic on POSIX), then the directory is ``fsync``-ed. If the block
-    raises, the temp file is deleted and ``path`` keeps its previous content.
+    raises, the temp file is deleted and ``path`` keeps its previous content. ``durable=False``
+    skips both ``fsync`` calls (still atomic; for caches, whose loss after a power cut costs a
+    recomputation only).
 
     Yields:
         the open temp file (``binary``: bytes, else text).
@@ -176,7 +178,8 @@ def atomic_open(path: str, binary: bool = True) -> Iterator[IO]:
         with open(tmp, "xb" if binary else "x") as f:  # honours the umask, unlike mkstemp
             yield f
             f.flush()
-            os.fsync(f.fileno())
+            if durable:
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -184,7 +187,8 @@ def atomic_open(path: str, binary: bool = True) -> Iterator[IO]:
         except OSError:
             pass
         raise
-    _fsync_dir(d)
+    if durable:
+        _fsync_dir(d)
 
 
 _TMP_RE = re.compile(r"^\..+\.(\d+)\.[0-9a-f]{8}\.tmp$")
@@ -223,9 +227,9 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def atomic_torch_save(obj: Any, path: str) -> None:
+def atomic_torch_save(obj: Any, path: str, durable: bool = True) -> None:
     """``torch.save(obj)`` to ``path`` atomically (:func:`atomic_open`)."""
-    with atomic_open(path) as f:
+    with atomic_open(path, durable=durable) as f:
         torch.save(obj, f)
 
 

@@ -202,13 +202,17 @@ class FusionBackbone(Backbone):
 
     def prepared_teachers(self) -> nn.ModuleList:
         """The teachers as :attr:`runtime` runs them: ``self.teachers`` itself, or a private
-        BatchNorm-folded copy when there is BatchNorm to fold (built once, cached)."""
+        BatchNorm-folded copy when there is BatchNorm to fold, each behind a disk cache of its
+        maps when ``runtime.cache_dir`` is set (built once, kept)."""
         if not self._prepared:
             teachers = self.teachers
             # nothing to fold (e.g. a KD teacher folded in place): no copy
             if self.runtime.fold_bn and has_foldable_batchnorm(teachers):
                 teachers = copy.deepcopy(teachers)
-            self._prepared.append(self.runtime.prepare(teachers))
+            teachers = self.runtime.prepare(teachers)
+            if self.runtime.cache_dir:  # FROZEN_TEACHER.CACHE_DIR: each teacher's maps on disk
+                teachers = nn.ModuleList(self.runtime.cached(t) for t in teachers)
+            self._prepared.append(teachers)
         return self._prepared[0]
 
     def teacher_features(self, x: torch.Tensor) -> List["OrderedDict[str, torch.Tensor]"]:

@@ -28,25 +28,30 @@ def _equal(a, b):
     return list(a) == list(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_hit_equals_miss_bitwise_and_each_image_is_computed_alone(tmp_path):
+def test_misses_run_as_one_batch_and_hits_return_what_was_stored(tmp_path):
     bb = _backbone()
     x = _x()
     with torch.inference_mode():
-        alone = [bb(x[i:i + 1]) for i in range(3)]
         batched = bb(x)
         cold = CachedBackbone(bb, str(tmp_path), 10**9)
         out_cold = cold(x)
         assert (cold.hits, cold.misses) == (0, 3)
         warm = CachedBackbone(bb, str(tmp_path), 10**9)  # a new process would see the same files
         out_warm = warm(x)
-        assert (warm.hits, warm.misses) == (0 + 3, 0)
-    assert _equal(out_cold, out_warm)
+        assert (warm.hits, warm.misses) == (3, 0)
+        # a partly cached batch: the two new images run together, the cached one is read
+        y = torch.cat([x[1:2], _x(2, seed=5)])
+        mixed = warm(y)
+        assert (warm.hits, warm.misses) == (4, 2)
+        new_pair = bb(y[1:])
+    assert _equal(out_cold, batched) and _equal(out_cold, out_warm)  # the batched forward, bitwise
     for k in batched:
-        for i in range(3):
-            assert torch.equal(out_cold[k][i], alone[i][k][0])
-        torch.testing.assert_close(out_cold[k], batched[k], rtol=0, atol=1e-5)
-    files = [f for _, _, fs in os.walk(tmp_path) for f in fs]
-    assert len(files) == 3 and all(f.endswith(".pt") for f in files)
+        assert torch.equal(mixed[k][0], batched[k][1]) and torch.equal(mixed[k][1:], new_pair[k])
+        assert out_cold[k].is_contiguous() and mixed[k].is_contiguous()
+    files = [os.path.join(d, f) for d, _, fs in os.walk(tmp_path) for f in fs]
+    assert len(files) == 5 and all(f.endswith(".pt") for f in files)
+    one = torch.load(files[0], weights_only=True)  # one image per file, not the batch's storage
+    assert all(v.shape[0] == 1 and v.untyped_storage().nbytes() == v.numel() * 4 for v in one.values())
     # attributes of the backbone pass through the wrapper
     assert cold.output_shape() == bb.output_shape() and uncached(cold) is bb
 
@@ -105,32 +110,56 @@ def test_fusion_backbone_caches_each_teacher(tmp_path):
     assert TeacherRuntime().cached(teachers[0]) is teachers[0]  # off: unchanged
 
 
-def test_kd_run_with_a_warm_cache_equals_the_cold_run_bitwise(tmp_path, data_root):
-    """Hits and misses give the same maps, so a rerun (or a resumed run) reading a warm cache
-    trains bit-identical weights; the second run's teacher lookups are all hits."""
+def test_resume_with_the_cache_is_bitwise_exact(tmp_path, data_root):
+    """A run interrupted after a checkpoint and resumed (the steps after the checkpoint now read
+    the maps their first execution stored) ends with the weights of an uninterrupted run; a
+    second run on the same teacher reads every map from the cache."""
     from mdkd_det.distill.trainer import KDTrainer
+    from mdkd_det.engine import hooks
 
-    cache = str(tmp_path / "cache")
-    weights = []
-    cold = tiny_kd_cfg(tmp_path, max_iter=3, **{"FROZEN_TEACHER.CACHE_DIR": cache})
-    for run in ("cold", "warm"):
-        cfg = cold.clone()  # the same teacher
-        cfg.OUTPUT_DIR = str(tmp_path / run)
-        trainer = KDTrainer(cfg)
-        cached = trainer.teacher.backbone
-        assert isinstance(cached, CachedBackbone)
-        trainer.resume_or_load(resume=False)
-        trainer.train()
-        hits, misses = cached.hits, cached.misses
-        if run == "cold":
-            assert misses > 0
-        else:
-            assert misses == 0 and hits == 3 * int(cfg.SOLVER.IMS_PER_BATCH)
-        weights.append(torch.load(os.path.join(cfg.OUTPUT_DIR, "model_final.pth"), weights_only=True)["model"])
-        rows = [json.loads(r) for r in open(os.path.join(cfg.OUTPUT_DIR, "metrics.json"))]
-        assert any("loss_FAlgn" in r for r in rows)
-    assert weights[0].keys() == weights[1].keys()
-    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    class Crash(hooks.HookBase):
+        def before_step(self):
+            if self.trainer.iter == 3:
+                raise RuntimeError("simulated crash")
+
+    class Crashing(KDTrainer):
+        def build_hooks(self):
+            return super().build_hooks() + [Crash()]
+
+    base = tiny_kd_cfg(tmp_path, max_iter=4, **{"SOLVER.CHECKPOINT_PERIOD": 2})
+
+    def cfg(run, cache):
+        c = base.clone()  # the same teacher
+        c.OUTPUT_DIR, c.FROZEN_TEACHER.CACHE_DIR = str(tmp_path / run), str(tmp_path / cache)
+        return c
+
+    def state(trainer):
+        return {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
+
+    straight = KDTrainer(cfg("straight", "cache_a"))
+    straight.resume_or_load(resume=False)
+    straight.train()
+    assert straight.teacher.backbone.misses > 0
+    crash = Crashing(cfg("crash", "cache_b"))
+    crash.resume_or_load(resume=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        crash.train()
+    torch.manual_seed(999)  # a new process: other RNG state, restored by the checkpoint
+    resumed = KDTrainer(cfg("crash", "cache_b"))
+    assert resumed.resume_or_load(resume=True) == 2
+    resumed.train()
+    cached = resumed.teacher.backbone
+    assert isinstance(cached, CachedBackbone) and cached.hits == 2  # step 2 redone: its 2 images read
+    a, b = state(straight), state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    again = KDTrainer(cfg("again", "cache_a"))  # the uninterrupted run's data order: all cached
+    again.resume_or_load(resume=False)
+    again.train()
+    assert again.teacher.backbone.misses == 0 and again.teacher.backbone.hits == 8
+    rows = [json.loads(r) for r in open(os.path.join(str(tmp_path / "again"), "metrics.json"))]
+    assert any("loss_FAlgn" in r for r in rows)
+    c = state(again)
+    assert all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_cache_max_gb_must_be_positive(tmp_path):
@@ -140,3 +169,23 @@ def test_cache_max_gb_must_be_positive(tmp_path):
     cfg = tiny_cfg(tmp_path, **{"FROZEN_TEACHER.CACHE_MAX_GB": 0.0})
     with pytest.raises(ConfigError, match="FROZEN_TEACHER.CACHE_MAX_GB"):
         validate_config(cfg)
+
+
+def test_joint_kd_teacher_is_cached_once_outside(tmp_path):
+    """A joint teacher as the KD teacher: its backbone is cached as a whole, and its
+    FusionBackbone no longer caches its own teachers (one entry per image, not N + 1)."""
+    from mdkd_det.distill.trainer import build_distiller
+    from mdkd_det.engine.defaults import build_model
+
+    over = {"FROZEN_TEACHER.CACHE_DIR": str(tmp_path / "c")}
+    jcfg = tiny_cfg(tmp_path / "j", **{"MODEL.BACKBONE.NAME": "fusion", "FUSION.TEACHERS": "()",
+                                      "FUSION.TEACHER_BACKBONES": "('resnet18_fpn', 'resnet18_fpn')", **over})
+    joint = freeze_teacher(build_model(jcfg))
+    assert joint.backbone.runtime.cache_dir  # built with the cache (Stage 2 would use it)
+    cfg = tiny_cfg(tmp_path / "s", **over)
+    d = build_distiller(cfg, build_model(cfg), joint)
+    assert isinstance(joint.backbone, CachedBackbone) and joint.backbone.inner.runtime.cache_dir == ""
+    with torch.inference_mode():
+        joint.backbone(_x(2))
+    files = [f for _, _, fs in os.walk(tmp_path / "c") for f in fs]
+    assert len(files) == 2 and d.runtime.cache_dir

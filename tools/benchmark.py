@@ -23,7 +23,7 @@ training step timed in the ``steps`` group, is the denominator of every step rat
 - ``kd_step_cached_ratio``, ``joint_teacher_step_cached_ratio``: the same steps with
   ``FROZEN_TEACHER.CACHE_DIR`` set and the teachers' maps of the batch already on disk (every
   image seen before: the second epoch on); ``kd_step_cache_miss_ratio``: KD step with the cache
-  on and nothing stored (the first epoch: each image computed alone, D11.2).
+  on and nothing stored (every image new: its cost is hashing and writing the maps, D11.2).
 - ``kd_step_ratio_switches_off``, ``joint_teacher_step_ratio_switches_off``,
   ``teacher_forward_speedup``: the same steps with every ``FROZEN_TEACHER`` switch off (the
   code before issue 11), timed in the same rounds.

@@ -340,8 +340,8 @@ _C.FROZEN_TEACHER.BF16 = False
 # Disk cache of the frozen teachers' per-image maps ("" = off): the Stage-2 FusionBackbone's
 # teachers and the Stage-3 KD teacher's backbone (not RF-DETR's Stage-3 teacher). A transformed
 # image seen again (next epoch, another seed or extra student row on the same teacher) costs a
-# disk read instead of a teacher forward. With it on every image is computed alone, so a hit
-# equals a miss bitwise (resume stays exact); equal to the batched forward to fp32 rounding.
+# disk read instead of a teacher forward. An entry holds the maps the run used, so --resume stays
+# bitwise exact; maps another run computed (in other batches) differ by fp32 rounding (5e-6).
 # Keyed by the teacher's weights and the exact input: one folder may serve every teacher.
 # mdkd_det/modeling/teacher_cache.py, decision D11.2.
 _C.FROZEN_TEACHER.CACHE_DIR = ""

@@ -15,6 +15,7 @@ family is the adapter that produces :class:`KDInputs`.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -132,12 +133,17 @@ class Distiller(nn.Module):
 
     def _cache_teacher_backbone(self, teacher: nn.Module, adapter) -> None:
         """Put the teacher's ``backbone`` behind the disk cache (``FROZEN_TEACHER.CACHE_DIR``)
-        when the adapter runs it on the student's batch (``teacher_backbone_cacheable``)."""
+        when the adapter runs it on the student's batch (``teacher_backbone_cacheable``); a
+        joint teacher's FusionBackbone then stops caching its own teachers (one entry per image,
+        not four). Otherwise (RF-DETR) only the FusionBackbone's teachers are cached."""
         if not getattr(adapter, "teacher_backbone_cacheable", False):
             logger.warning("FROZEN_TEACHER.CACHE_DIR: the %s adapter runs the whole teacher, whose "
                            "maps are not cached", type(adapter).__name__)
             return
         t = teacher.module if hasattr(teacher, "module") else teacher
+        for m in t.backbone.modules():  # a joint teacher's own teachers: the outer cache suffices
+            if hasattr(m, "set_runtime") and m.runtime.cache_dir:
+                m.set_runtime(dataclasses.replace(m.runtime, cache_dir=""))
         t.backbone = freeze_teacher(self.runtime.cached(t.backbone))
 
     @property

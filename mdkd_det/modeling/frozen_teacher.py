@@ -24,9 +24,9 @@ outputs do not change:
   bf16 (AVX512-BF16/AMX, D11.1).
 
 - ``cache_dir``: the teacher's per-image maps are stored on disk and read back when the same
-  transformed image comes again (:mod:`mdkd_det.modeling.teacher_cache`; D11.2). Each image is
-  computed alone, so hits and misses are bitwise equal; equal to the batched forward to fp32
-  rounding (5e-6).
+  transformed image comes again (:mod:`mdkd_det.modeling.teacher_cache`; D11.2). An entry holds
+  the maps the run used (``--resume`` stays bitwise exact); maps another run computed in other
+  batches differ by fp32 rounding (5e-6).
 
 Config: ``FROZEN_TEACHER.{FOLD_BN, CHANNELS_LAST, INFERENCE_MODE, BF16, CACHE_DIR, CACHE_MAX_GB}``.
 """

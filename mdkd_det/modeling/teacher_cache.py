@@ -4,16 +4,20 @@ A frozen teacher is a pure function of its input image: its weights never change
 ``eval()`` (:func:`~mdkd_det.modeling.frozen_teacher.freeze_teacher`). Training sees each image
 many times (epochs, seeds, the pipeline's extra student rows, the unlabelled stream), and with
 the default augmentation (horizontal flip only) an image has only two transformed versions. So
-the teacher's maps of each transformed image can be computed once and read back from disk:
-after the first epoch a KD step costs a plain step plus the KD terms (the "KD floor").
+the teacher's maps of each transformed image can be computed once and read back from disk: a
+step whose images are all cached costs a plain step plus the KD terms (the "KD floor"). The hit
+rate is the share of (image, flip) pairs seen before: about 1 - 0.5^(e - 1) in epoch e of one
+run, and more for every further run on the same teacher (seeds, extra student rows).
 
-Exactness (decision D11.2). With the cache on, the wrapped backbone computes every image on its
-own (batch of 1), whether or not the image is cached, so its maps are a function of the image
-alone and bitwise equal on a hit and on a miss: a run gives the same result with a cold, a warm
-or a shared cache, and ``--resume`` stays exact. oneDNN convolutions are not bitwise
-batch-invariant, so these maps differ from the batched forward (cache off) by float rounding
-(max abs 5e-6 on a 3-teacher joint teacher at 256 px); the cost of computing a miss image by
-image is 3 % (same measurement).
+Exactness (decision D11.2). An entry holds exactly the maps the run used: the images of a
+batch that are not cached are run together (one batched forward, as without the cache) and
+each image's maps are stored. So ``--resume`` is bitwise exact: steps redone after the last
+checkpoint read the maps their first execution computed. oneDNN convolutions are not bitwise
+batch-invariant (max abs 5e-6 on a 3-teacher joint teacher at 256 px), so a run that reads maps
+another run computed (in other batches) can differ from a run with a cold cache by that
+rounding. Computing each image alone would make every map independent of the batch, but
+cost 21 % more teacher time on a miss (0.63 s against 0.52 s for 4 images, FROZEN_TEACHER
+switches on; docs/benchmarks.md).
 
 Keys. A teacher's *digest* (blake2b of its weights, dtypes and shapes, the runtime switches that
 change its values, the torch version and the CPU capability oneDNN dispatches on) names a
@@ -138,8 +142,9 @@ class CachedBackbone(nn.Module):
         tag: extra text of the digest (the runtime switches that change the maps' values).
 
     Forward: ``x: Tensor[B, C, H, W]`` (the backbone's input, any memory format) -> the
-    backbone's maps, contiguous, each image computed alone or read from the cache. Attributes
-    the wrapper does not have (``output_shape``, ``out_channels``, ...) are the backbone's.
+    backbone's maps ``OrderedDict[name, Tensor[B, C_l, H/s, W/s]]`` (contiguous): cached images
+    are read, the others run as one batch and stored. Attributes the wrapper does not have
+    (``output_shape``, ``out_channels``, ...) are the backbone's.
     """
 
     def __init__(self, backbone: nn.Module, root: str, max_bytes: int, tag: str = "") -> None:
@@ -185,21 +190,18 @@ class CachedBackbone(nn.Module):
         return h.hexdigest()
 
     def forward(self, x: torch.Tensor) -> "OrderedDict[str, torch.Tensor]":
-        outs = []
-        for i in range(x.shape[0]):
-            xi = x[i:i + 1]
-            key = self.image_key(xi)
-            maps = self.cache.get(key)
-            if maps is None:
-                self.misses += 1
-                maps = OrderedDict((k, v.contiguous()) for k, v in self.inner(xi).items())
-                self.cache.put(key, maps)
-            else:
-                self.hits += 1
-            outs.append(maps)
-        if len(outs) == 1:
-            return outs[0]
-        return OrderedDict((k, torch.cat([o[k] for o in outs])) for k in outs[0])
+        keys = [self.image_key(x[i:i + 1]) for i in range(x.shape[0])]
+        found = [self.cache.get(k) for k in keys]
+        miss = [i for i, m in enumerate(found) if m is None]
+        self.hits += len(keys) - len(miss)
+        self.misses += len(miss)
+        if miss:
+            idx = torch.tensor(miss, device=x.device)
+            computed = self.inner(x if len(miss) == len(keys) else x.index_select(0, idx))
+            for j, i in enumerate(miss):  # one file per image: clone the slice out of the batch
+                found[i] = OrderedDict((k, v[j:j + 1].contiguous().clone()) for k, v in computed.items())
+                self.cache.put(keys[i], found[i])
+        return OrderedDict((k, torch.cat([m[k] for m in found])) for k in found[0])
 
 
 def uncached(backbone: nn.Module) -> nn.Module:

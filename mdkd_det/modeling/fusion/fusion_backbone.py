@@ -200,6 +200,11 @@ class FusionBackbone(Backbone):
         self._prepared.clear()  # .to() / .float() ...: re-prepare from the moved teachers
         return super()._apply(fn, *args, **kwargs)
 
+    def set_runtime(self, runtime: TeacherRuntime) -> None:
+        """Run the teachers with ``runtime`` from now on (re-prepared on next use)."""
+        self.runtime = runtime
+        self._prepared.clear()
+
     def prepared_teachers(self) -> nn.ModuleList:
         """The teachers as :attr:`runtime` runs them: ``self.teachers`` itself, or a private
         BatchNorm-folded copy when there is BatchNorm to fold, each behind a disk cache of its

@@ -189,3 +189,13 @@ def test_joint_kd_teacher_is_cached_once_outside(tmp_path):
         joint.backbone(_x(2))
     files = [f for _, _, fs in os.walk(tmp_path / "c") for f in fs]
     assert len(files) == 2 and d.runtime.cache_dir
+
+
+def test_uncreatable_cache_dir_is_a_one_line_config_error(tmp_path):
+    from mdkd_det.utils.errors import ConfigError
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match="FROZEN_TEACHER.CACHE_DIR .*cannot create") as e:
+        TeacherRuntime(cache_dir=str(blocker / "cache")).cached(_backbone())
+    assert "\n" not in str(e.value)

@@ -437,6 +437,15 @@ _C.KD.EPOCH_ITERS = 0
 # each KD step also draws a batch of DATASETS.TRAIN_UNLABELED, runs the student on it without
 # targets (no task loss) and the frozen teacher on the same images and student regions, and adds
 # loss_unlabeled_<term> = WEIGHT * cf * (KD.W_<term> * term). Off by default.
+# Paper 004 (CMEDL) concurrent training: the KD teacher is not frozen but trains on its own task
+# loss (the same labelled batch, weight WEIGHT, logged as loss_teacher_*) in every Stage-3 step
+# while the student distils from its current weights (eval mode, no autograd into it). It starts
+# from KD.TEACHER_WEIGHTS, or from scratch when that is "". Saved in the checkpoints (exact
+# resume) and exported as OUTPUT_DIR/model_teacher.pth. torchvision Faster R-CNN only; not with
+# FROZEN_TEACHER.FOLD_BN or CACHE_DIR. mdkd_det/distill/online_teacher.py, decision D15.10.
+_C.KD.ONLINE_TEACHER = CN()
+_C.KD.ONLINE_TEACHER.ENABLED = False
+_C.KD.ONLINE_TEACHER.WEIGHT = 1.0
 _C.KD.UNLABELED = CN()
 _C.KD.UNLABELED.ENABLED = False
 # Weight of the unlabelled KD terms relative to the labelled ones (dimensionless).

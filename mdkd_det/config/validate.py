@@ -197,6 +197,7 @@ DOMAINS: Dict[str, Tuple[Callable[[Any], bool], str]] = {
     "KD.AAM.MARGIN": num_ge(0.0),
     "KD.TEMPERATURE": num_gt(0.0),
     "KD.UNLABELED.WEIGHT": num_ge(0.0),
+    "KD.ONLINE_TEACHER.WEIGHT": num_gt(0.0),
     "KD.UNLABELED.IMS_PER_BATCH": int_ge(0),
     "KD.QUERY_TOPK": int_ge(0),
     "KD.CF.WARMUP": num_ge(0.0),

@@ -63,12 +63,16 @@ class Distiller(nn.Module):
             ``dcgd_inter_weight``, ``msan_lambda``, ``late_levels``, ``ctx_positions``,
             ``ctx_bandwidth``, ``aam_margin``; see ``KD.*`` in defaults.py) and ``cfg`` (the
             ``KD`` node, read by plugin terms as ``KDContext.cfg``).
+        online_teacher: paper 004's concurrent training (``KD.ONLINE_TEACHER.ENABLED``): the
+            teacher is not frozen or prepared (it trains; the trainer owns its optimizer and
+            loss); :meth:`teacher_inputs` runs it in ``eval()`` without autograd.
 
     Shapes: see :class:`KDInputs`. ``forward`` returns ``{loss name: 0-dim Tensor}`` already
     multiplied by weight and cf; names are the terms' keys (:data:`TERM_KEYS` for the paper's).
 
     Raises:
         RegistryError: an unknown term name in ``terms`` or ``weights``.
+        ValueError: ``online_teacher`` with a runtime that folds BatchNorm or caches maps.
     """
 
     def __init__(
@@ -92,6 +96,7 @@ class Distiller(nn.Module):
         runtime: Optional[TeacherRuntime] = None,
         terms: Optional[Sequence[str]] = None,
         kd_options: Optional[Mapping[str, float]] = None,
+        online_teacher: bool = False,
     ) -> None:
         super().__init__()
         self.terms = resolve_terms(terms, weights)
@@ -125,8 +130,13 @@ class Distiller(nn.Module):
         self.cls_kind = cls_kind or getattr(adapter, "cls_kind", "softmax")
         self.reduction = reduction
         self.con_mask_diag = bool(con_mask_diag)
-        freeze_teacher(teacher)
+        self.online_teacher = bool(online_teacher)
         self.runtime = runtime or TeacherRuntime()
+        if self.online_teacher:  # paper 004: the teacher trains alongside (KD.ONLINE_TEACHER)
+            if self.runtime.fold_bn or self.runtime.cache_dir:
+                raise ValueError("an online (training) teacher cannot be BatchNorm-folded or cached")
+            return
+        freeze_teacher(teacher)
         self.runtime.prepare(teacher)
         if self.runtime.cache_dir:
             self._cache_teacher_backbone(teacher, adapter)
@@ -160,9 +170,18 @@ class Distiller(nn.Module):
     def teacher_inputs(self, rec) -> KDInputs:
         """The adapter's teacher :class:`KDInputs` for the student's records ``rec``, run as
         :attr:`runtime` says (``inference_mode`` / bf16) and released as fp32 tensors the KD
-        losses may save for backward."""
-        with self.runtime.context():
-            t_in = self.adapter.teacher_inputs(self.teacher, rec)
+        losses may save for backward. An online teacher runs in ``eval()`` here (then back to
+        its mode): no autograd into it from the KD terms, BatchNorm on running statistics."""
+        teacher = self.teacher
+        was_training = teacher.training
+        if self.online_teacher:  # its current weights, BatchNorm on running statistics
+            teacher.eval()
+        try:
+            with self.runtime.context():
+                t_in = self.adapter.teacher_inputs(teacher, rec)
+        finally:
+            if self.online_teacher:
+                teacher.train(was_training)
         return self.runtime.release(t_in)
 
     def active(self, epoch: float) -> bool:

@@ -44,6 +44,8 @@ class KDTrainerMixin:
             ``iter()`` is called once, one batch is drawn per step.
         unlabeled_weight: ``KD.UNLABELED.WEIGHT``.
         unlabeled_terms: distiller loss keys kept for unlabelled images (``"loss_ClsKD"``...).
+        online_teacher_weight: ``KD.ONLINE_TEACHER.WEIGHT`` (used when the distiller's teacher
+            trains online).
     """
 
     distiller: Distiller
@@ -52,6 +54,7 @@ class KDTrainerMixin:
     unlabeled_loader: Optional[Iterable] = None
     unlabeled_weight: float = 1.0
     unlabeled_terms: Sequence[str] = ()
+    online_teacher_weight: float = 1.0
     _unlabeled_iter = None
 
     @property
@@ -128,8 +131,37 @@ class KDTrainerMixin:
 
     def compute_losses(self, batch: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
         """:meth:`kd_forward` around :meth:`SimpleTrainer.compute_losses` (our trainer's
-        override point)."""
-        return self.kd_forward(self.model, functools.partial(super().compute_losses, batch))
+        override point); with an online teacher also its own task loss
+        (:meth:`online_teacher_losses`)."""
+        out = self.kd_forward(self.model, functools.partial(super().compute_losses, batch))
+        if self.distiller.online_teacher:
+            out.update(self.online_teacher_losses(batch))
+        return out
+
+    def online_teacher_losses(self, batch: List[Dict[str, Any]]) -> Dict[str, torch.Tensor]:
+        """Paper 004 concurrent training (``KD.ONLINE_TEACHER``,
+        :mod:`mdkd_det.distill.online_teacher`): the teacher's task loss on the labelled
+        ``batch``, in train mode with autograd, as ``{"loss_teacher_<name>": weight * value}``
+        (``loss_classifier`` -> ``loss_teacher_classifier``)."""
+        teacher = self.distiller.teacher
+        teacher.train()
+        images, targets = self.detector_inputs(batch)
+        w = float(self.online_teacher_weight)
+        return {"loss_teacher_" + k[len("loss_"):] if k.startswith("loss_") else "loss_teacher_" + k: w * v
+                for k, v in teacher(images, targets).items()}
+
+    def clip_gradients(self) -> torch.Tensor:
+        """As :meth:`SimpleTrainer.clip_gradients`; with an online teacher its parameters are
+        clipped apart (to the same norm), so the teacher's gradient does not scale the
+        student's. Returns the student side's norm."""
+        if not self.distiller.online_teacher:
+            return super().clip_gradients()
+        if self.grad_scaler is not None:
+            self.grad_scaler.unscale_(self.optimizer)
+        own = {id(p) for p in self.distiller.teacher.parameters()}
+        params = self._params()
+        torch.nn.utils.clip_grad_norm_([p for p in params if id(p) in own], self.grad_clip)
+        return torch.nn.utils.clip_grad_norm_([p for p in params if id(p) not in own], self.grad_clip)
 
     def after_backward(self) -> None:
         """Hooks, then average connector gradients over ranks (connectors are outside DDP)."""

@@ -32,6 +32,7 @@ from .adapters import build_kd_adapter
 from .distiller import Distiller
 from .kd_terms import term_weights
 from .mixin import KDTrainerMixin
+from .online_teacher import build_online_teacher, check_online_teacher_config, online_teacher_enabled
 from .schedules import build_schedule
 from .unlabeled import build_unlabeled_loader, check_unlabeled_config, load_unlabeled_records, unlabeled_loss_keys
 
@@ -61,11 +62,12 @@ def load_teacher_cfg(cfg: CfgNode, base: Optional[CfgNode] = None,
             ``merge_d2_file``).
 
     Raises:
-        ConfigError: missing ``KD.TEACHER_CONFIG`` / ``KD.TEACHER_WEIGHTS``, or teacher and student
+        ConfigError: missing ``KD.TEACHER_CONFIG`` / ``KD.TEACHER_WEIGHTS`` (the weights may be
+            empty for an online teacher, which then starts from scratch), or teacher and student
             normalise pixels differently (the teacher reads the student's transformed batch).
     """
     kd = cfg.KD
-    if not kd.TEACHER_CONFIG or not kd.TEACHER_WEIGHTS:
+    if not kd.TEACHER_CONFIG or not (kd.TEACHER_WEIGHTS or online_teacher_enabled(cfg)):
         raise ConfigError("KD.ENABLED needs KD.TEACHER_CONFIG and KD.TEACHER_WEIGHTS")
     tcfg = get_cfg() if base is None else base
     if merge is None:
@@ -196,6 +198,7 @@ def build_distiller(cfg: CfgNode, student: nn.Module, teacher: nn.Module) -> Dis
         student_emb_dim=_embedding_dim(s_unwrapped),
         teacher_emb_dim=_embedding_dim(teacher),
         runtime=TeacherRuntime.from_config(cfg),
+        online_teacher=online_teacher_enabled(cfg),
         **distiller_options(cfg.KD),
     )
     distiller.attach_student(s_unwrapped)
@@ -220,9 +223,16 @@ class KDTrainer(DefaultTrainer):
     def __init__(self, cfg: CfgNode, model: Optional[nn.Module] = None,
                  teacher: Optional[nn.Module] = None) -> None:
         check_unlabeled_config(cfg)  # before anything is built
+        check_online_teacher_config(cfg)
         seed_all_rng(int(cfg.SEED) + comm.get_rank())
         student = model if model is not None else build_model(cfg)
-        self.teacher = teacher if teacher is not None else build_teacher(cfg)
+        self.online_teacher = online_teacher_enabled(cfg)
+        if teacher is not None:
+            self.teacher = teacher
+        elif self.online_teacher:  # paper 004: trains alongside (distill/online_teacher.py)
+            self.teacher = build_online_teacher(cfg, load_teacher_cfg(cfg))
+        else:
+            self.teacher = build_teacher(cfg)
         self.distiller = build_distiller(cfg, student, self.teacher)
         self.unlabeled_records = None
         if cfg.KD.UNLABELED.ENABLED:
@@ -234,12 +244,18 @@ class KDTrainer(DefaultTrainer):
         super().__init__(cfg, model=student)
 
     def build_optimizer(self, cfg: CfgNode, model: nn.Module):
-        """Student parameters plus the student-side connectors (A3)."""
-        return build_optimizer(cfg, list(model.parameters()) + list(self.distiller.parameters()))
+        """Student parameters plus the student-side connectors (A3); plus the teacher's when it
+        trains online (``KD.ONLINE_TEACHER``)."""
+        params = list(model.parameters()) + list(self.distiller.parameters())
+        if self.online_teacher:
+            params += list(self.teacher.parameters())
+        return build_optimizer(cfg, params)
 
     def checkpointables(self) -> dict:
-        """Optimizer, scheduler and the distiller's connectors (the teacher is not saved)."""
-        return {**super().checkpointables(), "distiller": self.distiller}
+        """Optimizer, scheduler and the distiller's connectors; the teacher only when it trains
+        online (a frozen one is not saved)."""
+        extra = {"teacher": self.teacher} if self.online_teacher else {}
+        return {**super().checkpointables(), "distiller": self.distiller, **extra}
 
     def build_trainer(self, model, data_loader) -> SimpleTrainer:
         """``KDSimpleTrainer`` with the distiller, schedule epoch length and alpha attached."""
@@ -249,6 +265,8 @@ class KDTrainer(DefaultTrainer):
         trainer.epoch_iters = int(self.cfg.KD.EPOCH_ITERS) or max(
             1, math.ceil(n / int(self.cfg.SOLVER.IMS_PER_BATCH)))
         trainer.task_weight = float(self.cfg.KD.W_TASK)
+        if self.online_teacher:
+            trainer.online_teacher_weight = float(self.cfg.KD.ONLINE_TEACHER.WEIGHT)
         if self.unlabeled_records is not None:  # positioned at start_iter: resume-exact
             u = self.cfg.KD.UNLABELED
             trainer.unlabeled_loader = build_unlabeled_loader(self.cfg, self.unlabeled_records, self.start_iter)
@@ -257,7 +275,10 @@ class KDTrainer(DefaultTrainer):
         return trainer
 
     def train(self):
-        """Train, then export the student alone to ``OUTPUT_DIR/model_student.pth``."""
+        """Train, then export the student alone to ``OUTPUT_DIR/model_student.pth`` (and an online
+        teacher to ``OUTPUT_DIR/model_teacher.pth``)."""
         results = super().train()
         export_model(self.model, os.path.join(self.cfg.OUTPUT_DIR, "model_student.pth"))
+        if self.online_teacher:
+            export_model(self.teacher, os.path.join(self.cfg.OUTPUT_DIR, "model_teacher.pth"))
         return results

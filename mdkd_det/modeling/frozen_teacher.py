@@ -37,6 +37,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import os
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, List, Tuple, Type
@@ -47,6 +48,7 @@ from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_eval
 
 from ..utils.device import cpu_has_native_bf16
+from ..utils.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -250,10 +252,20 @@ class TeacherRuntime:
     def cached(self, backbone: nn.Module) -> nn.Module:
         """``backbone`` (prepared, frozen; ``backbone(x [B, C, H, W])`` -> ``OrderedDict`` of
         maps) behind a :class:`~mdkd_det.modeling.teacher_cache.CachedBackbone` in
-        :attr:`cache_dir`, or unchanged when the cache is off."""
+        :attr:`cache_dir`, or unchanged when the cache is off.
+
+        Raises:
+            ConfigError: :attr:`cache_dir` cannot be created (one line naming it).
+        """
         if not self.cache_dir:
             return backbone
         from .teacher_cache import CachedBackbone
+
+        try:
+            os.makedirs(self.cache_dir, exist_ok=True)
+        except OSError as e:
+            raise ConfigError(f"FROZEN_TEACHER.CACHE_DIR '{self.cache_dir}': cannot create the folder "
+                              f"({e.strerror or e})") from None
 
         return CachedBackbone(backbone, self.cache_dir, int(self.cache_max_gb * 1e9),
                               tag=f"fold_bn={self.fold_bn} bf16={self.bf16}")

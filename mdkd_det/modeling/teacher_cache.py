@@ -84,6 +84,9 @@ class FeatureCache:
         root: the cache folder (``FROZEN_TEACHER.CACHE_DIR``), shared by every teacher.
         digest: the teacher's digest (:meth:`CachedBackbone.digest`).
         max_bytes: stop writing when ``root`` holds this many bytes (all teachers together).
+
+    Raises:
+        OSError: ``root/<digest>`` cannot be created.
     """
 
     def __init__(self, root: str, digest: str, max_bytes: int) -> None:
@@ -92,6 +95,7 @@ class FeatureCache:
         self.max_bytes = int(max_bytes)
         self._full = False
         self._puts = 0
+        os.makedirs(self.dir, exist_ok=True)
         if self.root not in _ROOT_BYTES:
             _ROOT_BYTES[self.root] = _scan(self.root)
 
@@ -119,8 +123,7 @@ class FeatureCache:
         size = sum(v.numel() * v.element_size() for v in maps.values())
         self._puts += 1
         if _ROOT_BYTES[self.root] + size > self.max_bytes or (
-                self._puts % 64 == 1 and shutil.disk_usage(self.root if os.path.isdir(self.root)
-                                                           else os.path.dirname(self.root)).free < _MIN_FREE_BYTES):
+                self._puts % 64 == 1 and shutil.disk_usage(self.dir).free < _MIN_FREE_BYTES):
             self._full = True
             logger.warning("teacher cache %s: full (FROZEN_TEACHER.CACHE_MAX_GB = %.1f, or under 1 GB "
                            "free on the disk); new maps are no longer stored", self.root, self.max_bytes / 1e9)

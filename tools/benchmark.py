@@ -69,7 +69,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 #: the protocol's models: before 2026-12-05 the default was faster_rcnn_R18_FPN_demo.yaml, whose
 #: FUSION defaults (concat1x1 to 256 channels) made the benchmark's joint teacher heavier than
-#: the one the pipeline trains (heads at 256 channels; docs/benchmarks.md, run 8)
+#: the one the pipeline trains (heads at 256 channels; docs/benchmarks.md, "in-run")
 DEFAULT_CONFIG = "configs/LungCT/mdkd_faster_rcnn_R18_cpu.yaml"
 #: ``--detector`` -> its default config (same keys and goals for every detector family).
 DETECTOR_CONFIGS = {"faster_rcnn": DEFAULT_CONFIG, "rfdetr": "configs/LungCT/mdkd_rfdetr_nano_demo.yaml"}

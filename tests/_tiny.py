@@ -38,3 +38,21 @@ def tiny_kd_cfg(tmp_path, max_iter=2, **over):
         "KD.ENABLED": True, "KD.TEACHER_CONFIG": str(tdir / "config.yaml"),
         "KD.TEACHER_WEIGHTS": str(tdir / "model_final.pth"), "KD.CF.SCHEDULE": "constant",
         "DATASETS.TEST": "()", **over})
+
+
+def crashing_kd_trainer(at_iter):
+    """A ``KDTrainer`` subclass whose run raises ``RuntimeError("simulated crash")`` before
+    iteration ``at_iter`` (resume tests)."""
+    from mdkd_det.distill.trainer import KDTrainer
+    from mdkd_det.engine import hooks
+
+    class Crash(hooks.HookBase):
+        def before_step(self):
+            if self.trainer.iter == at_iter:
+                raise RuntimeError("simulated crash")
+
+    class Crashing(KDTrainer):
+        def build_hooks(self):
+            return super().build_hooks() + [Crash()]
+
+    return Crashing

@@ -7,10 +7,9 @@ import pytest
 import torch
 
 from mdkd_det.distill.trainer import KDTrainer
-from mdkd_det.engine import hooks
 from mdkd_det.utils.errors import ConfigError
 
-from _tiny import tiny_kd_cfg
+from _tiny import crashing_kd_trainer, tiny_kd_cfg
 
 ON = {"KD.ONLINE_TEACHER.ENABLED": True, "SOLVER.CHECKPOINT_PERIOD": 2}
 
@@ -48,14 +47,7 @@ def test_teacher_trains_on_its_task_loss_and_kd_terms_do_not_reach_it(tmp_path, 
 
 
 def test_online_run_trains_both_exports_the_teacher_and_resumes_exactly(tmp_path, data_root):
-    class Crash(hooks.HookBase):
-        def before_step(self):
-            if self.trainer.iter == 3:
-                raise RuntimeError("simulated crash")
-
-    class Crashing(KDTrainer):
-        def build_hooks(self):
-            return super().build_hooks() + [Crash()]
+    Crashing = crashing_kd_trainer(3)
 
     base = tiny_kd_cfg(tmp_path, max_iter=4, **ON)
 

@@ -10,7 +10,7 @@ import torch
 from mdkd_det.modeling.frozen_teacher import TeacherRuntime, freeze_teacher
 from mdkd_det.modeling.teacher_cache import CachedBackbone, uncached
 
-from _tiny import tiny_cfg, tiny_kd_cfg
+from _tiny import crashing_kd_trainer, tiny_cfg, tiny_kd_cfg
 
 
 def _backbone(seed=0):
@@ -115,16 +115,7 @@ def test_resume_with_the_cache_is_bitwise_exact(tmp_path, data_root):
     the maps their first execution stored) ends with the weights of an uninterrupted run; a
     second run on the same teacher reads every map from the cache."""
     from mdkd_det.distill.trainer import KDTrainer
-    from mdkd_det.engine import hooks
-
-    class Crash(hooks.HookBase):
-        def before_step(self):
-            if self.trainer.iter == 3:
-                raise RuntimeError("simulated crash")
-
-    class Crashing(KDTrainer):
-        def build_hooks(self):
-            return super().build_hooks() + [Crash()]
+    Crashing = crashing_kd_trainer(3)
 
     base = tiny_kd_cfg(tmp_path, max_iter=4, **{"SOLVER.CHECKPOINT_PERIOD": 2})
 

@@ -3,7 +3,8 @@
 CMEDL trains its teacher and student together, end to end (paper_notes Part 3 §3.4,
 "Optimisation": the segmentors follow -grad(L_hint + L_seg)). Here that is a Stage-3 variant
 for when Stage-2 compute is scarce: the KD teacher is built from ``KD.TEACHER_CONFIG`` (weights
-``KD.TEACHER_WEIGHTS``, or from scratch when that is empty) and is **not** frozen. Every step:
+``KD.TEACHER_WEIGHTS``, or from scratch when that is empty) by
+:func:`~mdkd_det.distill.trainer.build_teacher` with ``frozen=False``. Every step:
 
 1. the student's task loss and the KD terms, as always (:class:`~mdkd_det.distill.mixin.
    KDTrainerMixin`); the teacher's maps and region outputs come from its current weights in
@@ -23,11 +24,7 @@ is part of the checkpoints (``--resume`` is exact) and is exported as
 
 from __future__ import annotations
 
-from torch import nn
-
 from ..config import CfgNode
-from ..engine.checkpointer import Checkpointer
-from ..engine.defaults import build_model
 from ..utils.errors import ConfigError
 
 #: META_ARCHITECTUREs whose model(images, targets) returns the task-loss dict the teacher trains on
@@ -57,17 +54,3 @@ def check_online_teacher_config(cfg: CfgNode) -> None:
     if cfg.FROZEN_TEACHER.FOLD_BN or cfg.FROZEN_TEACHER.CACHE_DIR:
         raise ConfigError("KD.ONLINE_TEACHER.ENABLED: the teacher trains, so FROZEN_TEACHER.FOLD_BN "
                           "and FROZEN_TEACHER.CACHE_DIR must be off")
-
-
-def build_online_teacher(cfg: CfgNode, tcfg: CfgNode) -> nn.Module:
-    """The training teacher: built from ``tcfg`` (:func:`~mdkd_det.distill.trainer.
-    load_teacher_cfg`), loaded from ``tcfg.MODEL.WEIGHTS`` when set, in ``train()`` with
-    gradients on.
-
-    Raises:
-        CheckpointError: the checkpoint does not match the teacher architecture.
-    """
-    teacher = build_model(tcfg)
-    if tcfg.MODEL.WEIGHTS:
-        Checkpointer(teacher, tcfg.OUTPUT_DIR, trust_checkpoints=bool(cfg.MODEL.TRUST_CHECKPOINTS)).load(tcfg.MODEL.WEIGHTS)
-    return teacher.train()

@@ -32,7 +32,7 @@ from .adapters import build_kd_adapter
 from .distiller import Distiller
 from .kd_terms import term_weights
 from .mixin import KDTrainerMixin
-from .online_teacher import build_online_teacher, check_online_teacher_config, online_teacher_enabled
+from .online_teacher import check_online_teacher_config, online_teacher_enabled
 from .schedules import build_schedule
 from .unlabeled import build_unlabeled_loader, check_unlabeled_config, load_unlabeled_records, unlabeled_loss_keys
 
@@ -94,7 +94,8 @@ def _load_teacher_weights(teacher: nn.Module, tcfg: CfgNode, trust: bool) -> Non
 
 def build_teacher(cfg: CfgNode, teacher_cfg: Optional[CfgNode] = None,
                   build: Optional[Callable[[CfgNode], nn.Module]] = None,
-                  load: Optional[Callable[[nn.Module, CfgNode, bool], object]] = None) -> nn.Module:
+                  load: Optional[Callable[[nn.Module, CfgNode, bool], object]] = None,
+                  frozen: bool = True) -> nn.Module:
     """Build, load and freeze the teacher named by ``KD.TEACHER_*``: THE one teacher builder
     (every family here; detectron2 passes its own config, builder and loader).
 
@@ -105,9 +106,13 @@ def build_teacher(cfg: CfgNode, teacher_cfg: Optional[CfgNode] = None,
         load: ``load(model, teacher_cfg, trust)`` loading ``teacher_cfg.MODEL.WEIGHTS`` (default:
             :class:`~mdkd_det.engine.checkpointer.Checkpointer`); ``trust`` =
             ``cfg.MODEL.TRUST_CHECKPOINTS``.
+        frozen: False for an online teacher (``KD.ONLINE_TEACHER``,
+            :mod:`mdkd_det.distill.online_teacher`): returned in ``train()`` with gradients on,
+            and loaded only when ``MODEL.WEIGHTS`` is set (else it starts from scratch).
 
     Returns:
-        The teacher, frozen by :func:`~mdkd_det.modeling.frozen_teacher.freeze_teacher`.
+        The teacher, frozen by :func:`~mdkd_det.modeling.frozen_teacher.freeze_teacher`
+        (unless ``frozen`` is False).
 
     Raises:
         ConfigError: from :func:`load_teacher_cfg`.
@@ -116,8 +121,9 @@ def build_teacher(cfg: CfgNode, teacher_cfg: Optional[CfgNode] = None,
     """
     tcfg = load_teacher_cfg(cfg) if teacher_cfg is None else teacher_cfg
     teacher = (build or build_model)(tcfg)
-    (load or _load_teacher_weights)(teacher, tcfg, bool(cfg.MODEL.TRUST_CHECKPOINTS))
-    return freeze_teacher(teacher)
+    if frozen or tcfg.MODEL.WEIGHTS:
+        (load or _load_teacher_weights)(teacher, tcfg, bool(cfg.MODEL.TRUST_CHECKPOINTS))
+    return freeze_teacher(teacher) if frozen else teacher.train()
 
 
 def _embedding_dim(model: nn.Module) -> Optional[int]:
@@ -227,12 +233,8 @@ class KDTrainer(DefaultTrainer):
         seed_all_rng(int(cfg.SEED) + comm.get_rank())
         student = model if model is not None else build_model(cfg)
         self.online_teacher = online_teacher_enabled(cfg)
-        if teacher is not None:
-            self.teacher = teacher
-        elif self.online_teacher:  # paper 004: trains alongside (distill/online_teacher.py)
-            self.teacher = build_online_teacher(cfg, load_teacher_cfg(cfg))
-        else:
-            self.teacher = build_teacher(cfg)
+        # an online teacher (paper 004) trains alongside: distill/online_teacher.py
+        self.teacher = teacher if teacher is not None else build_teacher(cfg, frozen=not self.online_teacher)
         self.distiller = build_distiller(cfg, student, self.teacher)
         self.unlabeled_records = None
         if cfg.KD.UNLABELED.ENABLED:
